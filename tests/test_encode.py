@@ -209,7 +209,8 @@ def test_kto_must_end_with_an_assistant_turn(qwen_tokenizer, last_role):
     content = '{"name": "f", "arguments": {}}' if last_role == "function_call" else "text"
     messages = conversation(("user", "hi"), ("assistant", "hello"), (last_role, content))
     example = kto(messages, True, origin="feedback.jsonl#12")
-    with pytest.raises(UserError, match=f"feedback.jsonl#12: a KTO example must end with an assistant turn.*{last_role}"):
+    expected_message = f"feedback.jsonl#12: a KTO example must end with an assistant turn.*{last_role}"
+    with pytest.raises(UserError, match=expected_message):
         encode_example(example, template, qwen_tokenizer, stage="kto", cutoff_len=4096)
 
 
@@ -263,14 +264,18 @@ def _encode_row(row: dict, *, template, tokenizer) -> dict:
     return {"input_ids": result.input_ids, "labels": result.labels}
 
 
-def test_encoding_runs_in_datasets_map_workers(qwen_tokenizer, glaive_records):
+def test_encoding_runs_in_datasets_map_workers(smollm_tokenizer, glaive_records):
+    """The template and tokenizer travel to datasets.map(num_proc=2) workers (SmolLM2's small
+    tokenizer keeps the pickling cheap)."""
     datasets = pytest.importorskip("datasets")
-    template = get_template("auto", qwen_tokenizer)
+    template = get_template("chatml", smollm_tokenizer, SMOLLM_SYSTEM)
     examples = [sft(*glaive_example(record), origin=f"glaive#{i}") for i, record in enumerate(glaive_records[:8])]
     dataset = datasets.Dataset.from_list([{"example": e.to_json()} for e in examples])
-    encode_row = functools.partial(_encode_row, template=template, tokenizer=qwen_tokenizer)
-    mapped = dataset.map(encode_row, num_proc=2, remove_columns=["example"], load_from_cache_file=False)
+    encode_row = functools.partial(_encode_row, template=template, tokenizer=smollm_tokenizer)
+    mapped = dataset.map(
+        encode_row, num_proc=2, remove_columns=["example"], load_from_cache_file=False, new_fingerprint="encode-test"
+    )
 
     for row, example in zip(mapped, examples):
-        direct = encode_example(example, template, qwen_tokenizer, stage="sft", cutoff_len=4096)
+        direct = encode_example(example, template, smollm_tokenizer, stage="sft", cutoff_len=4096)
         assert row["input_ids"] == direct.input_ids and row["labels"] == direct.labels

@@ -218,6 +218,23 @@ def test_auto_spans_equal_named_spans(qwen_tokenizer, llama3_tokenizer, smollm_t
             assert auto.render(messages) == named.render(messages), name
 
 
+def test_default_system_is_used_only_when_the_conversation_has_none(qwen_tokenizer, smollm_tokenizer):
+    single, with_system = CONVERSATIONS["single_turn"], CONVERSATIONS["system_single_turn"]
+    for template in (get_template("qwen", None, "Custom."), get_template("auto", qwen_tokenizer, "Custom.")):
+        assert template.render(single).text.startswith("<|im_start|>system\nCustom.<|im_end|>\n<|im_start|>user")
+        assert template.render(with_system).text.startswith("<|im_start|>system\nYou answer in French.<|im_end|>")
+    auto_smollm = get_template("auto", smollm_tokenizer, "Custom.")
+    assert auto_smollm.render(single).text.startswith("<|im_start|>system\nCustom.<|im_end|>\n<|im_start|>user")
+    assert auto_smollm.render(single).trained_spans[0].message_index == 1  # indexes the caller's messages
+    assert get_template("qwen", None).render(single).text.startswith(
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>"
+    )
+    assert get_template("llama3", None).render(single).text.startswith(
+        "<|begin_of_text|><|start_header_id|>user"
+    )
+    assert get_template("chatml", None).render(single).text.startswith("<|im_start|>user")
+
+
 # --------------------------------------------------------------------------------------------------
 # Tools in templates without a native tool format
 
@@ -306,7 +323,10 @@ def test_auto_refuses_tools_when_the_chat_template_ignores_them(request, tokeniz
 
 def test_auto_refuses_a_template_that_does_not_render_prefix_by_prefix(qwen_tokenizer):
     # Starts with the number of messages, so a shorter conversation is not a prefix of a longer one.
-    counting = "{{ messages | length }}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    counting = (
+        "{{ messages | length }}"
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    )
     template = JinjaTemplate(qwen_tokenizer, chat_template=counting)
     with pytest.raises(UserError, match="prefix.*qwen, llama3, chatml"):
         template.render(CONVERSATIONS["single_turn"], origin="data.json#0")
@@ -329,9 +349,9 @@ def test_malformed_function_call_names_origin(content):
             template.render(messages, origin="data.json#7")
 
 
-def test_templates_survive_pickling(qwen_tokenizer):
-    """datasets.map(num_proc=N) ships the template to worker processes."""
+def test_templates_survive_pickling(smollm_tokenizer):
+    """datasets.map(num_proc=N) ships the template (and, for auto, the tokenizer) to worker processes."""
     messages, tools = CONVERSATIONS["multi_turn"], []
-    for template in (get_template("qwen", qwen_tokenizer), get_template("auto", qwen_tokenizer)):
+    for template in (get_template("qwen", None), get_template("auto", smollm_tokenizer)):
         clone = pickle.loads(pickle.dumps(template))
         assert clone.render(messages, tools) == template.render(messages, tools)

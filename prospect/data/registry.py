@@ -289,7 +289,8 @@ def load_registry(dataset_dir: str) -> dict[str, DatasetSpec]:
         raise UserError(
             f"{info_path}: not found. Set dataset_dir to the folder that holds {DATA_CONFIG}."
         )
-    return {name: parse_entry(name, entry, info_path) for name, entry in _read_info(info_path).items()}
+    raw_info = _read_info(info_path)
+    return {name: parse_entry(name, entry, info_path) for name, entry in raw_info.items()}
 
 
 def _hub_error(spec: DatasetSpec) -> UserError:
@@ -299,7 +300,8 @@ def _hub_error(spec: DatasetSpec) -> UserError:
         if url is None:
             continue
         offline = ""
-        if offline_var and os.environ.get(offline_var, "").strip().lower() in ("1", "true", "yes", "on"):
+        flag = os.environ.get(offline_var, "") if offline_var else ""
+        if flag.strip().lower() in ("1", "true", "yes", "on"):
             offline = f" ({offline_var} is set)"
         missing = ""
         if spec.file_name is not None:

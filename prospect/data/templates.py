@@ -110,7 +110,7 @@ def _tojson(value: Any) -> str:
 
 
 def to_hf_tools(tools: Sequence[dict]) -> list[dict]:
-    """Tool definitions in the OpenAI layout: a bare function schema becomes {"type": "function", "function": schema}."""
+    """Tool definitions in the OpenAI layout; a bare schema becomes {"type": "function", "function": schema}."""
     return [tool if tool.get("type") == "function" else {"type": "function", "function": tool} for tool in tools]
 
 
@@ -201,6 +201,7 @@ class Template(ABC):
 
     name: str
     end_of_turn: str  # the token that ends a turn (generation stops at it)
+    required_tokens: tuple[str, ...] = ()  # markers that must be single tokens of the tokenizer
 
     @abstractmethod
     def render(
@@ -239,7 +240,8 @@ class QwenTemplate(Template):
         out = _TextBuilder()
         system, _ = _system_text(messages, self.default_system)
         if tools:
-            out.add("<|im_start|>system\n" + system + "\n\n" + format_tools_section(to_hf_tools(tools)) + "<|im_end|>\n")
+            tools_section = format_tools_section(to_hf_tools(tools))
+            out.add("<|im_start|>system\n" + system + "\n\n" + tools_section + "<|im_end|>\n")
         else:
             out.add("<|im_start|>system\n" + system + "<|im_end|>\n")
         for index, message in enumerate(messages):
