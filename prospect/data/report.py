@@ -20,12 +20,16 @@ def kto_balance(num_desirable: int, num_undesirable: int, chosen_weight: float, 
     if num_desirable == 0 or num_undesirable == 0:
         return (math.inf if num_undesirable == 0 else 0.0), None
     ratio = chosen_weight * num_desirable / (rejected_weight * num_undesirable)
-    if 1.0 <= ratio <= 4.0 / 3.0 + 1e-9:
+    if 1.0 - 1e-9 <= ratio <= 4.0 / 3.0 + 1e-9:  # tolerance: the suggested weight must pass this check
         return ratio, None
     exact = rejected_weight * num_undesirable / num_desirable
-    suggested = math.ceil(exact * 100) / 100
-    if suggested * num_desirable / (rejected_weight * num_undesirable) > 4.0 / 3.0:
-        suggested = exact  # rounding would overshoot the range for tiny weights
+    # Round up to the fewest decimals that stay in range, so the printed weight passes the check.
+    suggested = exact
+    for decimals in range(2, 13):
+        rounded = math.ceil(exact * 10**decimals) / 10**decimals
+        if rounded * num_desirable / (rejected_weight * num_undesirable) <= 4.0 / 3.0:
+            suggested = rounded
+            break
     return ratio, suggested
 
 
@@ -49,8 +53,9 @@ def _percentile(sorted_values: list[int], q: float) -> int:
     return sorted_values[min(len(sorted_values) - 1, int(math.ceil(q / 100 * len(sorted_values))) - 1)]
 
 
-def print_check(config: RunConfig, data, out=sys.stdout) -> None:
+def print_check(config: RunConfig, data, out=None) -> None:
     """Per dataset: examples kept / dropped and why, label balance, token lengths, truncation."""
+    out = out or sys.stdout  # looked up per call, so redirected/captured stdout is honoured
     p = lambda *a: print(*a, file=out)  # noqa: E731
     p(f"model {config.model_name_or_path} (tokenizer only) | template {data.template_name} | "
       f"stage {config.stage} | cutoff_len {config.cutoff_len}")
@@ -85,8 +90,9 @@ def print_check(config: RunConfig, data, out=sys.stdout) -> None:
         p(f"KTO balance (train split): {balance_advice(config, n_d, n_u)}")
 
 
-def print_preview(config: RunConfig, tokenizer, data, n: int, out=sys.stdout) -> None:
+def print_preview(config: RunConfig, tokenizer, data, n: int, out=None) -> None:
     """Decoded examples; trained spans between ⟦ and ⟧ (and green on a terminal)."""
+    out = out or sys.stdout
     colour = out.isatty()
     start, end = ("\033[32m⟦", "⟧\033[0m") if colour else ("⟦", "⟧")
     for i in range(min(n, len(data.train))):
