@@ -2,16 +2,23 @@
 
 Exit codes (DESIGN.md §6): 0 success; 2 a user error (bad config, bad data, missing file) with a
 one-paragraph message and no traceback; 1 anything else (a bug: the traceback is shown).
+
+Every command takes a config file and `key=value` overrides; the work itself lives in the module
+each command names, imported only when that command runs, so `prospect --help` stays instant.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from prospect.errors import UserError
 
+
 def main(argv: list[str] | None = None) -> int:
+    # PEFT reads a transformers attribute that 5.x deprecated; the warning is not the user's to fix.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
@@ -36,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(metavar="COMMAND")
 
+    train = commands.add_parser("train", help="train (SFT or KTO; on Ray when USE_RAY=1 or ray_num_workers > 1)")
+    _config_args(train)
+    train.set_defaults(run=_train)
+
     data = commands.add_parser("data", help="check or preview the training data")
     data_commands = data.add_subparsers(metavar="ACTION")
     check = data_commands.add_parser("check", help="validate the data and print token statistics")
@@ -45,6 +56,19 @@ def _parser() -> argparse.ArgumentParser:
     _config_args(preview)
     preview.add_argument("--n", type=int, default=3, help="how many examples to print (default 3)")
     preview.set_defaults(run=_data_preview)
+
+    export = commands.add_parser("export", help="merge adapters into the base model and write a plain HF model")
+    _config_args(export)
+    export.set_defaults(run=_export)
+    chat = commands.add_parser("chat", help="chat in the terminal with the base model + adapter(s)")
+    _config_args(chat)
+    chat.set_defaults(run=_chat)
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server: one base model, many adapters")
+    _config_args(serve)
+    serve.set_defaults(run=_serve)
+    evaluate = commands.add_parser("eval", help="held-out metrics of a trained run")
+    _config_args(evaluate)
+    evaluate.set_defaults(run=_eval)
     return parser
 
 
@@ -57,6 +81,12 @@ def _load(args):
     from prospect.config import load_config
 
     return load_config(args.config, args.overrides)
+
+
+def _train(args) -> None:
+    from prospect.launch import launch
+
+    launch(_load(args))
 
 
 def _prepare(args):
@@ -82,3 +112,27 @@ def _data_preview(args) -> None:
 
     config, tokenizer, data = _prepare(args)
     print_preview(config, tokenizer, data, args.n)
+
+
+def _export(args) -> None:
+    from prospect.export import export_model
+
+    export_model(_load(args))
+
+
+def _chat(args) -> None:
+    from prospect.chat import chat
+
+    chat(_load(args))
+
+
+def _serve(args) -> None:
+    from prospect.serve import serve
+
+    serve(_load(args))
+
+
+def _eval(args) -> None:
+    from prospect.evaluate import evaluate
+
+    evaluate(_load(args))

@@ -123,6 +123,9 @@ class RunConfig:
     seed: int = _f(42, "Seed for initialisation, data order and splits.")
     eval_strategy: Literal["no", "steps", "epoch"] = _f("no", "When to evaluate (steps uses eval_steps).")
     eval_steps: int | None = _f(None, "Evaluate every N optimizer steps (default: logging_steps).", min=1)
+    eval_pattern: str | None = _f(
+        None, "Regex that `prospect eval` counts in greedy replies to the eval prompts, base model vs trained."
+    )
     ddp_timeout: int = _f(1800, "Seconds before a stuck collective operation fails.", min=1)
 
     # --- ray -------------------------------------------------------------------------------
@@ -139,10 +142,33 @@ class RunConfig:
 
     # --- export ----------------------------------------------------------------------------
     export_dir: str | None = _f(None, "Where `prospect export` writes the merged model.")
-    export_size: int = _f(5, "Shard size of the exported model in GB.", min=1)
+    export_size: float = _f(
+        5, "Largest shard of the exported model in GB (a fraction such as 0.5 is allowed).", min=0.0, exclusive_min=True
+    )
     export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
         "auto", "Dtype of the exported weights (auto: the training dtype; bf16 where fp32 was only for CPU)."
     )
+    export_overwrite: bool = _f(False, "Let `prospect export` replace a non-empty export_dir.")
+
+    # --- inference (chat, serve, eval) ---------------------------------------------------------
+    infer_backend: Literal["huggingface"] = _f(
+        "huggingface", "Inference engine (LLaMA-Factory key; only huggingface is available here)."
+    )
+    infer_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", "Dtype for chat, serve and eval (auto: float32 on CPU; bfloat16, else float16, on a GPU)."
+    )
+    max_new_tokens: int = _f(512, "Most tokens generated per reply (the server's default for max_tokens).", min=1)
+    temperature: float = _f(
+        0.95, "Sampling temperature for chat and serve; 0 = greedy (always the likeliest token).", min=0.0
+    )
+    top_p: float = _f(0.7, "Nucleus sampling: sample among the likeliest tokens holding this much probability.",
+                      min=0.0, max=1.0, exclusive_min=True)
+    host: str = _f("127.0.0.1", "Address `prospect serve` listens on (0.0.0.0 = every interface).")
+    port: int = _f(8000, "Port `prospect serve` listens on (0 = any free port, printed at start).", min=0, max=65535)
+    api_key: str | None = _f(
+        None, "If set (or $PROSPECT_API_KEY), clients must send `Authorization: Bearer <api_key>`."
+    )
+    serve_batch_size: int = _f(8, "Most queued requests `prospect serve` generates together in one batch.", min=1)
 
     # ---------------------------------------------------------------------------------------
     def validate(self) -> "RunConfig":

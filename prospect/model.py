@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 from prospect.config import EMBEDDED_MODEL
@@ -192,3 +193,54 @@ def load_model(name_or_path: str, *, dtype=None, trust_remote_code: bool = False
         trust_remote_code=trust_remote_code,
         attn_implementation=attn_implementation,
     )
+
+
+def load_trainable_model(config, *, device, attn_implementation: str):
+    """The model to train: the base model with LoRA adapters (`finetuning_type: lora`) or all of its
+    weights trainable (`full`), on `device`.
+
+    LoRA: the frozen base is loaded in bfloat16 when `bf16` (half the memory; the adapters stay
+    float32, as PEFT keeps them), `lora_target: all` is every linear layer but the output head, and
+    `adapter_name_or_path` continues from existing adapters: all but the last are merged into the
+    base, the last one is trained further. Full fine-tuning keeps float32 master weights (mixed
+    precision comes from autocast).
+    """
+    import torch
+
+    lora = config.finetuning_type == "lora"
+    dtype = torch.bfloat16 if (config.bf16 and lora) else torch.float32
+    model = load_model(config.model_name_or_path, dtype=dtype, trust_remote_code=config.trust_remote_code,
+                       cache_dir=config.cache_dir, attn_implementation=attn_implementation)
+    model.config.use_cache = False  # no KV cache while training
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora:
+        model = _attach_lora(model, config)
+    return model.to(device)
+
+
+def _attach_lora(model, config):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    adapters = [p.strip() for p in (config.adapter_name_or_path or "").split(",") if p.strip()]
+    for path in adapters:
+        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise UserError(f"adapter_name_or_path: {path} has no adapter_config.json; point it at a saved adapter folder.")
+    for path in adapters[:-1]:
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    if adapters:
+        return PeftModel.from_pretrained(model, adapters[-1], is_trainable=True)
+    targets = "all-linear" if config.lora_target == ["all"] else config.lora_target
+    lora_config = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        with warnings.catch_warnings():  # PEFT reads a transformers attribute deprecated in 5.x
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, lora_config)
+    except ValueError as err:  # e.g. a lora_target name that matches no module
+        raise UserError(f"lora_target: {', '.join(config.lora_target)}: {err}") from None

@@ -75,3 +75,30 @@ def glaive_records() -> list[dict]:
     if not path.is_file():
         pytest.skip(f"demo dataset {path} is missing")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def build_tiny_model_dir(folder: Path, tokenizer, *, architecture: str = "llama", seed: int = 0) -> Path:
+    """A random 2-layer, hidden-64 causal LM with the given real tokenizer, saved as a HF folder."""
+    import torch
+    import transformers
+
+    classes = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }
+    config_class, model_class = classes[architecture]
+    config = config_class(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model_class(config).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm_tokenizer) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer and chat template (49k vocabulary)."""
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), smollm_tokenizer)

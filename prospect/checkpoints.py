@@ -1,0 +1,192 @@
+"""Checkpoints that are either complete or absent, and the output folder's rules.
+
+A checkpoint is written into a hidden temporary folder (`.checkpoint-<step>.tmp`) and renamed to
+`checkpoint-<step>` only once every file is on disk, so a crash during a save never leaves a folder
+that looks complete: resume only ever sees whole checkpoints. A checkpoint holds the adapter (or the
+full weights), the optimizer and scheduler states, every rank's random-number-generator states and
+`trainer_state.json` (the step, and what the data order depends on), which is all a run needs to
+continue exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+from prospect.errors import UserError
+
+STATE_FILE = "trainer_state.json"
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+# What a run writes into output_dir; `overwrite_output_dir` removes these and nothing else, so files
+# a user keeps there survive.
+RUN_OUTPUTS = (
+    "adapter_config.json", "adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "chat_template.jinja", "run_config.yaml", "metrics.jsonl",
+    "train_results.json", "eval_results.json", "training_loss.png", "training_rewards.png", "training_kl.png",
+    "reference_logps.safetensors", "README.md",
+)
+RUN_OUTPUT_FOLDERS = ("runs", "mlruns")
+
+
+def prepare_output_dir(output_dir: str, *, overwrite: bool, resume: str | None) -> None:
+    """Create output_dir, or check that reusing it is what the user asked for (main process only)."""
+    path = Path(output_dir)
+    if not path.exists():
+        path.mkdir(parents=True)
+        return
+    if not path.is_dir():
+        raise UserError(f"output_dir: {output_dir} exists and is not a folder; choose another output_dir.")
+    entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+    if not entries or resume:
+        return
+    if not overwrite:
+        raise UserError(
+            f"output_dir: {output_dir} is not empty ({len(entries)} entries). Set overwrite_output_dir: true to "
+            "replace the previous run's outputs, resume_from_checkpoint: true to continue it, or choose another "
+            "output_dir."
+        )
+    for entry in entries:
+        if entry.name in RUN_OUTPUTS and entry.is_file():
+            entry.unlink()
+        elif entry.is_dir() and (_CHECKPOINT.fullmatch(entry.name) or entry.name in RUN_OUTPUT_FOLDERS):
+            shutil.rmtree(entry)
+        elif entry.name.endswith((".safetensors",)) and entry.name.startswith("model-"):
+            entry.unlink()  # shards of a previous full fine-tuning run
+
+
+def checkpoint_step(path: Path) -> int | None:
+    match = _CHECKPOINT.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
+def complete_checkpoints(output_dir: str) -> list[Path]:
+    """The complete checkpoints in output_dir, oldest first (temporary folders are never listed)."""
+    path = Path(output_dir)
+    if not path.is_dir():
+        return []
+    found = [p for p in path.iterdir() if p.is_dir() and checkpoint_step(p) is not None and (p / STATE_FILE).is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+def resolve_resume(resume: str | None, output_dir: str) -> Path | None:
+    """`resume_from_checkpoint`: a checkpoint folder, or "true" for the latest complete one in output_dir."""
+    if resume is None:
+        return None
+    if resume == "true":
+        found = complete_checkpoints(output_dir)
+        if not found:
+            raise UserError(
+                f"resume_from_checkpoint: true, but {output_dir} holds no complete checkpoint-<step> folder; "
+                "remove the key to start a new run."
+            )
+        return found[-1]
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise UserError(
+            f"resume_from_checkpoint: {resume} is not a complete checkpoint (no {STATE_FILE}); "
+            f"point it at a checkpoint-<step> folder, or use true for the latest one in output_dir."
+        )
+    return path
+
+
+def rng_states() -> dict:
+    import numpy as np
+    import torch
+
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def temporary_folder(output_dir: str, step: int) -> Path:
+    return Path(output_dir) / f".checkpoint-{step}.tmp"
+
+
+def write_rng_state(folder: Path, rank: int) -> None:
+    """Each rank writes its own generator states (dropout differs per rank)."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_states(), folder / f"rng_state_{rank}.pt")
+
+
+def write_main_files(folder: Path, *, model, optimizer, scheduler, state: dict) -> None:
+    """Weights, optimizer, scheduler and the trainer state (main process only); the state file is
+    written last so its presence means everything else is there."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+    (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+
+def publish(folder: Path, step: int, save_total_limit: int | None) -> Path:
+    """Rename the finished temporary folder to checkpoint-<step> and prune old checkpoints."""
+    final = folder.parent / f"checkpoint-{step}"
+    if final.exists():  # an earlier attempt at the same step: the new one replaces it whole
+        shutil.rmtree(final)
+    os.replace(folder, final)
+    if save_total_limit is not None:
+        for old in complete_checkpoints(str(folder.parent))[:-save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def remove_stale_temporaries(output_dir: str) -> None:
+    """Half-written checkpoints of a crashed run: never used, removed at the next start."""
+    for tmp in Path(output_dir).glob(".checkpoint-*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, *, model, optimizer, scheduler, rank: int, lora: bool) -> dict:
+    """Restore weights, optimizer, scheduler and this rank's RNG states; return the trainer state."""
+    import torch
+
+    if lora:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+    else:
+        _load_full_weights(model, folder)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+    rng_file = folder / f"rng_state_{rank}.pt"
+    if rng_file.is_file():
+        set_rng_states(torch.load(rng_file, weights_only=False))
+    return json.loads((folder / STATE_FILE).read_text())
+
+
+def _load_full_weights(model, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    weights = {}
+    for name in files:
+        weights.update(load_file(str(folder / name)))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # Tied output embeddings are saved once; anything else missing means a different model.
+    missing = [k for k in missing if "lm_head" not in k]
+    if missing or unexpected:
+        raise UserError(f"{folder}: the checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}).")

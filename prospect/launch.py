@@ -1,0 +1,19 @@
+"""Where `prospect train` runs: in this process, or on Ray when USE_RAY=1 or ray_num_workers > 1.
+
+Under `torchrun`, every process runs `train(config)` directly (Accelerate reads the rank from the
+environment). On Ray, Ray Train starts the workers and each of them runs the same `train(config)`.
+"""
+
+from __future__ import annotations
+
+from prospect.config import RunConfig
+
+
+def launch(config: RunConfig) -> dict:
+    if config.uses_ray:
+        from prospect.ray_launch import launch_on_ray
+
+        return launch_on_ray(config)
+    from prospect.train import train
+
+    return train(config)

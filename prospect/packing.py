@@ -1,0 +1,139 @@
+"""Padding-free batches: the sequences of a micro-batch laid end to end in one row.
+
+A micro-batch of B sequences becomes one row of T = Σ len_i tokens, with position ids restarting at
+0 for each sequence and `cu_seq_lens` = [0, len_0, len_0 + len_1, ..., T] marking where they start.
+No padding token is ever computed, whatever the spread of lengths, so the cost of a step is the cost
+of its real tokens (a padded batch of lengths 50 and 500 computes 1000 tokens; packed, 550).
+
+Attention must keep the sequences apart. Two backends do:
+- `flash_attention_2` (GPU, when the `flash-attn` package is installed) reads `cu_seq_lens_q/k` and
+  runs its variable-length kernel;
+- `prospect_packed` (everywhere else), registered below: PyTorch's scaled-dot-product attention run
+  causally on each sequence's slice. Its cost is Σ len_i², as with padding-free kernels, where a
+  block-diagonal mask over the whole row would cost T².
+Both read the same keyword arguments, which transformers passes from `model(...)` down to the
+attention function of every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from prospect.data.encode import IGNORE_INDEX
+
+PACKED_ATTENTION = "prospect_packed"
+
+
+@dataclass
+class PackedBatch:
+    """B sequences packed into one row of T tokens.
+
+    `targets[t]` is the token that position t must predict (the next token of the same sequence) or
+    IGNORE_INDEX where nothing is trained; `sequence_index[t]` is the sequence position t belongs to.
+    """
+
+    input_ids: torch.Tensor  # [1, T] long
+    position_ids: torch.Tensor  # [1, T] long, restarting at 0 for each sequence
+    targets: torch.Tensor  # [T] long
+    sequence_index: torch.Tensor  # [T] long, in [0, B)
+    cu_seq_lens: torch.Tensor  # [B + 1] int32
+    max_length: int
+    num_sequences: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def num_trained_tokens(self) -> int:
+        return int((self.targets != IGNORE_INDEX).sum())
+
+    def to(self, device) -> "PackedBatch":
+        return PackedBatch(
+            self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device),
+            self.sequence_index.to(device), self.cu_seq_lens.to(device), self.max_length, self.num_sequences,
+        )
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments for `model(...)`: the ids, the positions and the sequence bounds that
+        both packed attention backends read."""
+        return {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "cu_seq_lens_q": self.cu_seq_lens,
+            "cu_seq_lens_k": self.cu_seq_lens,
+            "max_length_q": self.max_length,
+            "max_length_k": self.max_length,
+            "use_cache": False,
+        }
+
+
+def pack(sequences: list[tuple[list[int], list[int]]]) -> PackedBatch:
+    """Pack (input_ids, labels) pairs, labels aligned with input_ids (labels[t] = input_ids[t] where
+    trained, IGNORE_INDEX elsewhere), as `prospect.data.encode` produces them."""
+    assert sequences, "a packed batch needs at least one sequence"
+    input_ids, positions, targets, sequence_index, bounds = [], [], [], [], [0]
+    for index, (ids, labels) in enumerate(sequences):
+        assert len(ids) == len(labels) and ids, "each sequence needs as many labels as ids, and at least one token"
+        input_ids += ids
+        positions += range(len(ids))
+        targets += labels[1:] + [IGNORE_INDEX]  # position t predicts token t+1 of its own sequence
+        sequence_index += [index] * len(ids)
+        bounds.append(bounds[-1] + len(ids))
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    return PackedBatch(
+        input_ids=torch.tensor([input_ids]),
+        position_ids=torch.tensor([positions]),
+        targets=torch.tensor(targets),
+        sequence_index=torch.tensor(sequence_index),
+        cu_seq_lens=torch.tensor(bounds, dtype=torch.int32),
+        max_length=max(lengths),
+        num_sequences=len(sequences),
+    )
+
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Causal attention within each packed sequence (query/key/value: [1, heads, T, head_dim]).
+
+    Returns [1, T, heads, head_dim], the layout transformers' attention functions return."""
+    assert attention_mask is None, "packed attention takes sequence bounds (cu_seq_lens_q), not a mask"
+    bounds = kwargs["cu_seq_lens_q"].tolist()
+    grouped = query.shape[1] != key.shape[1]  # grouped-query attention: fewer key/value heads
+    outputs = [
+        F.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+            dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=grouped,
+        )
+        for start, end in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def register_packed_attention() -> None:
+    """Make `prospect_packed` a valid `attn_implementation` (idempotent). With no mask function
+    registered under that name, transformers builds no attention mask for it, which is the point."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+
+
+def packed_attention_implementation(flash_attn: str, device: torch.device) -> tuple[str, str | None]:
+    """The attention backend for packed batches, and a warning when the one asked for is unavailable.
+
+    `flash_attn` is the config key: auto | fa2 | sdpa | disabled. fa2 needs CUDA and the flash-attn
+    package; everything else uses `prospect_packed` (SDPA per sequence, which on CUDA dispatches to
+    PyTorch's own flash/memory-efficient kernels).
+    """
+    import importlib.util
+
+    has_fa2 = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    if flash_attn in ("auto", "fa2") and has_fa2:
+        return "flash_attention_2", None
+    register_packed_attention()
+    if flash_attn == "fa2":
+        why = "there is no CUDA device" if device.type != "cuda" else "the flash-attn package is not installed"
+        return PACKED_ATTENTION, f"flash_attn: fa2 is unavailable ({why}); using PyTorch SDPA per packed sequence."
+    return PACKED_ATTENTION, None

@@ -1,0 +1,260 @@
+"""End-to-end training on a tiny random model with SmolLM2's real tokenizer and the bundled data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from prospect.config import build_config
+from prospect.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES_DATA = ROOT / "examples" / "data"
+OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "run_config.yaml", "metrics.jsonl", "train_results.json", "training_loss.png")
+
+
+def make_config(tmp_path: Path, model_dir: Path, **overrides):
+    stage = overrides.get("stage", "kto")
+    values = {
+        "model_name_or_path": str(model_dir),
+        "stage": stage,
+        "dataset": "signoff_kto" if stage == "kto" else "signoff_sft",
+        "dataset_dir": str(EXAMPLES_DATA),
+        "template": "auto",
+        "cutoff_len": 256,
+        "max_samples": 24,
+        "output_dir": str(tmp_path / "out"),
+        "cache_dir": str(tmp_path / "cache"),
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 8,
+        "learning_rate": 5e-3,
+        "lr_scheduler_type": "constant",
+        "max_steps": 5,
+        "logging_steps": 1,
+        "save_steps": 100,
+        "plot_loss": True,
+        "lora_rank": 4,
+        "seed": 7,
+    }
+    values.update(overrides)
+    return build_config(values, source="test")
+
+
+def run(config):
+    from prospect.train import train
+
+    return train(config)
+
+
+def adapter_weights(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "adapter_model.safetensors"))
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys(), "both adapters must hold the same tensors"
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.fixture
+def spy_model(monkeypatch):
+    """Captures the model train() builds, to inspect its weights afterwards."""
+    import prospect.train
+
+    built = []
+    original = prospect.train.load_trainable_model
+
+    def spy(*args, **kwargs):
+        built.append(original(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(prospect.train, "load_trainable_model", spy)
+    return built
+
+
+def base_weights_unchanged(model, model_dir: Path) -> bool:
+    from safetensors.torch import load_file
+
+    original = load_file(str(model_dir / "model.safetensors"))
+    trained = {name.replace("base_model.model.", "").replace(".base_layer", ""): p
+               for name, p in model.named_parameters() if "lora_" not in name}
+    return all(torch.equal(trained[name], tensor) for name, tensor in original.items() if name in trained)
+
+
+@pytest.mark.parametrize("stage", ["kto", "sft"])
+def test_five_step_lora_run(tmp_path, tiny_model_dir, spy_model, stage):
+    config = make_config(tmp_path, tiny_model_dir, stage=stage, report_to="mlflow,tensorboard")
+    results = run(config)
+    out = Path(config.output_dir)
+
+    for name in OUTPUT_FILES + (("training_rewards.png", "training_kl.png") if stage == "kto" else ()):
+        assert (out / name).is_file(), name
+    assert (out / "checkpoint-5" / "trainer_state.json").is_file()
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [line for line in lines if line["split"] == "train"]
+    assert [line["step"] for line in train_lines] == [1, 2, 3, 4, 5]
+    expected = {"loss", "grad_norm", "learning_rate", "tokens_per_second"}
+    if stage == "kto":
+        expected |= {"rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "kl"}
+    for line in train_lines:
+        assert expected <= line.keys(), expected - line.keys()
+        assert all(torch.isfinite(torch.tensor(float(line[k]))) for k in expected)
+    assert results["num_steps"] == 5 and results["num_tokens"] > 0 and results["peak_memory_bytes"] > 0
+    if stage == "kto":
+        # LoRA B starts at zero, so at step 1 the policy is the reference: r = 0, z0 = 0, loss = 1 − σ(0).
+        first = train_lines[0]
+        assert first["loss"] == pytest.approx(0.5, abs=1e-6) and first["kl"] == pytest.approx(0, abs=1e-6)
+        assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6) and train_lines[-1]["rewards/margins"] != 0
+        assert results["reference_forward_passes"] == 2 * 3  # 24 examples / 8 per pass, targets + KL pairs
+
+    model = spy_model[0]
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    assert lora_b and all(float(p.abs().max()) > 0 for p in lora_b), "LoRA B starts at zero and must have moved"
+    assert base_weights_unchanged(model, tiny_model_dir)
+    assert (out / "runs").is_dir() and (out / "mlruns").exists()
+
+
+def test_saved_adapter_loads_with_plain_peft_and_matches_training_logits(tmp_path, tiny_model_dir, spy_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from prospect.losses import token_logps
+    from prospect.packing import pack
+    from prospect.train import HiddenStates
+
+    config = make_config(tmp_path, tiny_model_dir, stage="sft", max_steps=3)
+    run(config)
+    trained = spy_model[0].eval()
+    ids = [1, 520, 33, 9023, 17, 42, 2]
+    batch = pack([(ids, ids)])
+    with torch.no_grad():
+        training_logps = token_logps(HiddenStates(trained)(**batch.model_inputs()),
+                                     trained.get_base_model().get_output_embeddings(), batch.targets)
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+        loaded = PeftModel.from_pretrained(base, config.output_dir).eval()
+        logits = loaded(torch.tensor([ids])).logits[0].float()
+    plain_logps = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert torch.allclose(training_logps[:-1], plain_logps, atol=1e-5)
+
+
+def test_reference_logps_are_computed_once_and_reused(tmp_path, tiny_model_dir, monkeypatch):
+    import prospect.train
+
+    calls = []
+    original = prospect.train.compute_reference_logps
+    monkeypatch.setattr(prospect.train, "compute_reference_logps",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    # 24 examples, batch 4: an epoch is 6 steps; 12 steps run two epochs on one reference pass.
+    config = make_config(tmp_path, tiny_model_dir, max_steps=-1, num_train_epochs=2, save_steps=6)
+    first = run(config)
+    assert first["num_steps"] == 12 and first["epochs"] == 2
+    assert len(calls) == 1 and first["reference_forward_passes"] == 6
+
+    # A resumed run reads them from the run folder: no reference forward pass at all.
+    resumed = run(make_config(tmp_path, tiny_model_dir, max_steps=-1, num_train_epochs=2, save_steps=6,
+                              resume_from_checkpoint="true"))
+    assert resumed["resumed_from_step"] == 12 and resumed["reference_forward_passes"] == 0 and len(calls) == 1
+
+
+@pytest.mark.parametrize("stage", ["kto", "sft"])
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_model_dir, monkeypatch, stage):
+    import prospect.train
+
+    overrides = dict(stage=stage, max_steps=6, save_steps=2, lora_dropout=0.1, per_device_train_batch_size=3)
+    uninterrupted = make_config(tmp_path / "a", tiny_model_dir, **overrides)
+    run(uninterrupted)
+
+    step_function = "_kto_step" if stage == "kto" else "_sft_step"
+    original, calls = getattr(prospect.train, step_function), []
+
+    def crash_in_step_five(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("simulated crash")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(prospect.train, step_function, crash_in_step_five)
+    interrupted = make_config(tmp_path / "b", tiny_model_dir, **overrides)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(interrupted)
+    assert sorted(p.name for p in Path(interrupted.output_dir).glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    monkeypatch.setattr(prospect.train, step_function, original)
+    resumed = run(make_config(tmp_path / "b", tiny_model_dir, **overrides, resume_from_checkpoint="true"))
+
+    assert resumed["resumed_from_step"] == 4
+    assert max_difference(adapter_weights(uninterrupted.output_dir), adapter_weights(interrupted.output_dir)) <= 1e-6
+    lines = [json.loads(line) for line in (Path(interrupted.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if line["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_sft_gradient_accumulation_is_invariant(tmp_path, tiny_model_dir):
+    common = dict(stage="sft", max_steps=2, max_grad_norm=0.0, lr_scheduler_type="constant")
+    one_big = make_config(tmp_path / "8x1", tiny_model_dir, per_device_train_batch_size=8,
+                          gradient_accumulation_steps=1, **common)
+    eight_small = make_config(tmp_path / "1x8", tiny_model_dir, per_device_train_batch_size=1,
+                              gradient_accumulation_steps=8, **common)
+    a, b = run(one_big), run(eight_small)
+    assert a["num_trained_tokens"] == b["num_trained_tokens"]
+    difference = max_difference(adapter_weights(one_big.output_dir), adapter_weights(eight_small.output_dir))
+    assert difference <= 1e-5
+    # ... and the runs did move the adapter (a difference of 0 between two untrained adapters proves nothing).
+    assert max(float(w.abs().max()) for name, w in adapter_weights(one_big.output_dir).items() if "lora_B" in name) > 1e-3
+
+
+def test_kto_accumulation_is_invariant_and_works_at_micro_batch_one(tmp_path, tiny_model_dir):
+    common = dict(max_steps=2, max_grad_norm=0.0)
+    a = make_config(tmp_path / "4x1", tiny_model_dir, per_device_train_batch_size=4, **common)
+    b = make_config(tmp_path / "1x4", tiny_model_dir, per_device_train_batch_size=1, gradient_accumulation_steps=4,
+                    **common)
+    run(a), run(b)
+    assert max_difference(adapter_weights(a.output_dir), adapter_weights(b.output_dir)) <= 1e-5
+    kl = [json.loads(line)["kl"] for line in (Path(b.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert all(value >= 0 for value in kl)
+
+
+def test_full_fine_tuning_kto_changes_the_base_weights(tmp_path, tiny_model_dir, spy_model):
+    config = make_config(tmp_path, tiny_model_dir, finetuning_type="full", max_steps=2, learning_rate=1e-3)
+    results = run(config)
+    out = Path(config.output_dir)
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    assert not base_weights_unchanged(spy_model[0], tiny_model_dir)
+    assert results["reference_forward_passes"] == 6
+
+
+def test_kto_eval_reports_rewards_and_sign_accuracy(tmp_path, tiny_model_dir):
+    config = make_config(tmp_path, tiny_model_dir, val_size=8, max_samples=32, max_steps=2, eval_steps=2)
+    run(config)
+    lines = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    evals = [line for line in lines if line["split"] == "eval"]
+    assert [line["step"] for line in evals] == [2]
+    assert 0 <= evals[0]["rewards/accuracy"] <= 1 and "rewards/margins" in evals[0] and evals[0]["loss"] > 0
+
+
+def test_existing_output_dir_needs_overwrite_or_resume(tmp_path, tiny_model_dir):
+    config = make_config(tmp_path, tiny_model_dir, stage="sft", max_steps=1)
+    run(config)
+    keep = Path(config.output_dir) / "my_notes.txt"
+    keep.write_text("mine")
+    with pytest.raises(UserError, match="is not empty.*overwrite_output_dir: true"):
+        run(config)
+    run(make_config(tmp_path, tiny_model_dir, stage="sft", max_steps=1, overwrite_output_dir=True))
+    assert keep.read_text() == "mine", "files the user put in output_dir survive overwrite_output_dir"
+
+
+def test_half_written_checkpoints_are_never_resumed(tmp_path):
+    from prospect.checkpoints import resolve_resume
+
+    out = tmp_path / "out"
+    (out / "checkpoint-4").mkdir(parents=True)
+    (out / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (out / ".checkpoint-8.tmp").mkdir()  # a crash during the save of step 8
+    (out / ".checkpoint-8.tmp" / "adapter_model.safetensors").write_text("partial")
+    (out / "checkpoint-6").mkdir()  # a folder without its state file is not a checkpoint either
+    assert resolve_resume("true", str(out)) == out / "checkpoint-4"
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        resolve_resume(str(out / "checkpoint-6"), str(out))
