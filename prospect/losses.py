@@ -50,6 +50,9 @@ def token_logps(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    weight_dtype = next(lm_head.parameters()).dtype
+    if weight_dtype.is_floating_point and hidden.dtype != weight_dtype:
+        hidden = hidden.to(weight_dtype)  # mixed precision hands over float32 hidden states for bf16 weights
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])  # [T, H]
     targets_1d = targets.reshape(-1)  # [T]
     has_target = targets_1d != IGNORE_INDEX

@@ -213,7 +213,7 @@ def load_trainable_model(config, *, device, attn_implementation: str):
                        cache_dir=config.cache_dir, attn_implementation=attn_implementation)
     model.config.use_cache = False  # no KV cache while training
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if lora:
         model = _attach_lora(model, config)
     return model.to(device)

@@ -258,17 +258,20 @@ def load_or_compute_reference(config, splits: dict[str, Examples], make_referenc
 
     path = output_dir / REFERENCE_FILE
     key = reference_key(config, splits)
+    stored_key = None
     if path.is_file():
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
             stored_key = (f.metadata() or {}).get("key")
-        if stored_key == key:
-            tensors = load_file(str(path))
-            for name, examples in splits.items():
-                examples.reference_logps = tensors[f"{name}_logps"]
-                examples.reference_kl_logps = tensors[f"{name}_kl_logps"]
-            return 0
+    # Computing is collective (an all-reduce), so all ranks must take the same branch: one rank whose
+    # node-local output_dir lacks the file (Ray across nodes) makes every rank compute.
+    if reduce_sums({"found": float(stored_key == key)}, accelerator)["found"] == accelerator.num_processes:
+        tensors = load_file(str(path))
+        for name, examples in splits.items():
+            examples.reference_logps = tensors[f"{name}_logps"]
+            examples.reference_kl_logps = tensors[f"{name}_kl_logps"]
+        return 0
     passes = 0
     with make_reference() as (reference_model, reference_head):
         for name, examples in splits.items():
@@ -360,8 +363,11 @@ def kto_sums(losses, rewards, policy_logps, labels, weight: float = 1.0) -> dict
 # The run
 
 
-def train(config: RunConfig) -> dict:
-    """Train as `config` says; return the contents of train_results.json."""
+def train(config: RunConfig, *, on_checkpoint=None) -> dict:
+    """Train as `config` says; return the contents of train_results.json.
+
+    `on_checkpoint(step, folder, is_main)`, if given, runs on every rank once checkpoint-<step> is
+    complete (Ray workers use it to hand the checkpoint to Ray Train, see prospect/ray_launch.py)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -373,6 +379,11 @@ def train(config: RunConfig) -> dict:
         raise UserError(f"deepspeed: {config.deepspeed} needs CUDA GPUs; remove the key to train on CPU.")
     if config.quantization_bit is not None and not torch.cuda.is_available():
         raise UserError("quantization_bit needs a CUDA GPU (bitsandbytes); remove the key to train on CPU.")
+    from accelerate.state import AcceleratorState
+
+    # Accelerate keeps its settings in a process-wide singleton; a new run (a test, a restarted Ray
+    # worker) must not inherit the last run's mixed precision.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "fp16" if config.fp16 else "no")
     main = accelerator.is_main_process
     say = print if main else (lambda *a, **k: None)
@@ -508,6 +519,8 @@ def train(config: RunConfig) -> dict:
                 hidden_model.train()
             if done % config.save_steps == 0 or done == schedule.total_steps:
                 _save_checkpoint(config, output_dir, done, schedule, model, optimizer, scheduler, accelerator)
+                if on_checkpoint is not None:
+                    on_checkpoint(done, output_dir / f"checkpoint-{done}", main)
         progress.close()
 
         # --- final outputs ---------------------------------------------------------------------------

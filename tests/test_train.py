@@ -258,3 +258,45 @@ def test_half_written_checkpoints_are_never_resumed(tmp_path):
     assert resolve_resume("true", str(out)) == out / "checkpoint-4"
     with pytest.raises(UserError, match="not a complete checkpoint"):
         resolve_resume(str(out / "checkpoint-6"), str(out))
+
+
+def test_training_continues_from_an_existing_adapter(tmp_path, tiny_model_dir):
+    first = make_config(tmp_path / "first", tiny_model_dir, stage="sft", max_steps=3)
+    run(first)
+    # A learning rate of ~0 leaves the adapter where it started: exactly the first run's adapter.
+    second = make_config(tmp_path / "second", tiny_model_dir, stage="sft", max_steps=1, learning_rate=1e-30,
+                         adapter_name_or_path=first.output_dir)
+    run(second)
+    assert max_difference(adapter_weights(first.output_dir), adapter_weights(second.output_dir)) <= 1e-6
+    with pytest.raises(UserError, match="has no adapter_config.json"):
+        run(make_config(tmp_path / "third", tiny_model_dir, stage="sft", adapter_name_or_path=str(tmp_path)))
+
+
+def test_gradient_checkpointing_gives_the_same_update(tmp_path, tiny_model_dir, spy_model):
+    plain = make_config(tmp_path / "plain", tiny_model_dir, stage="sft", max_steps=2)
+    checkpointed = make_config(tmp_path / "ckpt", tiny_model_dir, stage="sft", max_steps=2, gradient_checkpointing=True)
+    run(plain), run(checkpointed)
+    assert [m.get_base_model().is_activation_checkpointing for m in spy_model] == [False, True]
+    assert max_difference(adapter_weights(plain.output_dir), adapter_weights(checkpointed.output_dir)) <= 1e-6
+
+
+def test_bf16_run_and_pref_ftx(tmp_path, tiny_model_dir):
+    bf16 = make_config(tmp_path / "bf16", tiny_model_dir, bf16=True, max_steps=2)
+    results = run(bf16)
+    assert results["num_steps"] == 2
+    losses = [json.loads(line)["loss"] for line in (Path(bf16.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < loss < 1 for loss in losses)
+    # pref_ftx adds an SFT term on desirable completions: the first step's loss grows by it.
+    ftx = make_config(tmp_path / "ftx", tiny_model_dir, pref_ftx=1.0, max_steps=1)
+    run(ftx)
+    loss = json.loads((Path(ftx.output_dir) / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert loss > 0.5 + 1.0  # 0.5 from KTO at step 1, plus a token NLL of a random model (> ln 49152 / 10)
+
+
+def test_learning_rate_schedule_with_warmup(tmp_path, tiny_model_dir):
+    config = make_config(tmp_path, tiny_model_dir, stage="sft", max_steps=4, warmup_steps=2,
+                         lr_scheduler_type="linear", learning_rate=1e-3)
+    run(config)
+    rates = [json.loads(line)["learning_rate"] for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    # logged after each step's scheduler update: warm-up to the peak at step 2, then linear decay to 0
+    assert rates == pytest.approx([5e-4, 1e-3, 5e-4, 0.0])
