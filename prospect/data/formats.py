@@ -73,7 +73,7 @@ import os
 from dataclasses import dataclass, field
 
 from prospect.data.example import Example, Message
-from prospect.data.registry import DEFAULT_TAGS, DatasetSpec
+from prospect.data.registry import DEFAULT_TAGS, DatasetSpec, json_type
 from prospect.errors import UserError
 
 READABLE_EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
@@ -127,23 +127,6 @@ class _UnreadableLine:
 
 # ----------------------------------------------------------------------------------------------
 # Reading files
-
-
-def _json_type(value) -> str:
-    """The JSON name of a value's type ("a string", "an object", ...) for error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
 
 
 def _shown(value, limit: int = 60) -> str:
@@ -259,7 +242,7 @@ def _read_json(path: str) -> list:
         )
     if not isinstance(data, list):
         raise UserError(
-            f"{path}: expected a JSON list of records, got {_json_type(data)}."
+            f"{path}: expected a JSON list of records, got {json_type(data)}."
         )
     return data
 
@@ -475,14 +458,14 @@ def _parse_tools(value, key: str, cache: dict) -> list[dict]:
         )
     if not isinstance(value, list):
         raise _RecordError(
-            key, f"expected a JSON list of tool definitions, got {_json_type(value)} "
+            key, f"expected a JSON list of tool definitions, got {json_type(value)} "
             f"{_shown(value)}.",
         )
     for position, tool in enumerate(value):
         if not isinstance(tool, dict):
             raise _RecordError(
                 f"{key}[{position}]", f"expected a tool definition (an object with a \"name\"), "
-                f"got {_json_type(tool)}.",
+                f"got {json_type(tool)}.",
             )
     if text is not None:
         cache[text] = value
@@ -544,7 +527,7 @@ def _build_conversation(turns: list[tuple], system: str | None, messages_field: 
         _, content, _, column, index, _, content_key = turns[0]
         if not isinstance(content, str):
             raise _RecordError(_turn_field(column, index, content_key),
-                               f"expected a string, got {_json_type(content)}.")
+                               f"expected a string, got {json_type(content)}.")
         if content and not content.isspace():
             messages.append(Message("system", content))
         first = 1
@@ -572,7 +555,7 @@ def _build_conversation(turns: list[tuple], system: str | None, messages_field: 
             raise _order_error(turn, position, step)
         if content.__class__ is not str:
             raise _RecordError(_turn_field(turn[3], turn[4], turn[6]),
-                               f"expected a non-empty string, got {_json_type(content)} "
+                               f"expected a non-empty string, got {json_type(content)} "
                                f"{_shown(content)}.")
         if not content or content.isspace():
             raise _RecordError(_turn_field(turn[3], turn[4], turn[6]),
@@ -626,10 +609,10 @@ def _alpaca_converter(layout: Layout, stage: str):
     def convert(record: dict):
         instruction = _require(record, prompt_key, "prompt", layout)
         if not isinstance(instruction, str):
-            raise _RecordError(prompt_key, f"expected a string, got {_json_type(instruction)}.")
+            raise _RecordError(prompt_key, f"expected a string, got {json_type(instruction)}.")
         query = record.get(query_key) if query_key else None
         if query is not None and not isinstance(query, str):
-            raise _RecordError(query_key, f"expected a string, got {_json_type(query)}.")
+            raise _RecordError(query_key, f"expected a string, got {json_type(query)}.")
         user_text = "\n".join(part for part in (instruction, query) if part)
         response = _require(record, response_key, "response", layout)
 
@@ -638,7 +621,7 @@ def _alpaca_converter(layout: Layout, stage: str):
         if history is not None:
             if not isinstance(history, list):
                 raise _RecordError(history_key, f"expected a list of [instruction, response] "
-                                   f"pairs, got {_json_type(history)}.")
+                                   f"pairs, got {json_type(history)}.")
             for position, pair in enumerate(history):
                 if not isinstance(pair, (list, tuple)) or len(pair) != 2:
                     raise _RecordError(
@@ -654,7 +637,7 @@ def _alpaca_converter(layout: Layout, stage: str):
 
         system = record.get(system_key) if system_key else None
         if system is not None and not isinstance(system, str):
-            raise _RecordError(system_key, f"expected a string, got {_json_type(system)}.")
+            raise _RecordError(system_key, f"expected a string, got {json_type(system)}.")
         messages = _build_conversation(turns, system, prompt_key, stage)
         tools = _parse_tools(record.get(tools_key), tools_key, tools_cache) if tools_key else []
         return messages, tools, _parse_label(record, label_key, stage)
@@ -679,12 +662,12 @@ def _sharegpt_converter(layout: Layout, stage: str):
         raw_turns = _require(record, messages_key, "messages", layout)
         if not isinstance(raw_turns, list):
             raise _RecordError(messages_key, f"expected a list of turns, got "
-                               f"{_json_type(raw_turns)}.")
+                               f"{json_type(raw_turns)}.")
         turns = []
         for index, turn in enumerate(raw_turns):
             if not isinstance(turn, dict):
                 raise _RecordError(f"{messages_key}[{index}]", f"expected an object with "
-                                   f"\"{role_key}\" and \"{content_key}\", got {_json_type(turn)}.")
+                                   f"\"{role_key}\" and \"{content_key}\", got {json_type(turn)}.")
             shown_role = turn.get(role_key)
             if shown_role is None:
                 hint = ""
@@ -703,7 +686,7 @@ def _sharegpt_converter(layout: Layout, stage: str):
                           content_key))
         system = record.get(system_key) if system_key else None
         if system is not None and not isinstance(system, str):
-            raise _RecordError(system_key, f"expected a string, got {_json_type(system)}.")
+            raise _RecordError(system_key, f"expected a string, got {json_type(system)}.")
         messages = _build_conversation(turns, system, messages_key, stage)
         tools = _parse_tools(record.get(tools_key), tools_key, tools_cache) if tools_key else []
         return messages, tools, _parse_label(record, label_key, stage)
@@ -752,12 +735,12 @@ def _message_turns(value, column: str, default_role: str) -> list[tuple]:
         return [(default_role, value, default_role, column, None, None, None)]
     if not isinstance(value, list):
         raise _RecordError(column, f"expected a string or a list of {{\"role\", \"content\"}} "
-                           f"messages, got {_json_type(value)}.")
+                           f"messages, got {json_type(value)}.")
     turns = []
     for index, message in enumerate(value):
         if not isinstance(message, dict):
             raise _RecordError(f"{column}[{index}]", f"expected an object with \"role\" and "
-                               f"\"content\", got {_json_type(message)}.")
+                               f"\"content\", got {json_type(message)}.")
         shown_role = message.get("role")
         if shown_role is None:
             raise _RecordError(f"{column}[{index}].role", "missing.")
@@ -794,7 +777,7 @@ def _trl_converter(layout: Layout, stage: str):
             value = _require(record, messages_key, "messages", layout)
             if not isinstance(value, list):
                 raise _RecordError(messages_key, f"expected a list of {{\"role\", \"content\"}} "
-                                   f"messages, got {_json_type(value)}.")
+                                   f"messages, got {json_type(value)}.")
             turns = _message_turns(value, messages_key, "user")
             conversation_field = messages_key
         else:
@@ -805,7 +788,7 @@ def _trl_converter(layout: Layout, stage: str):
             conversation_field = prompt_key
         system = record.get(system_key) if system_key else None
         if system is not None and not isinstance(system, str):
-            raise _RecordError(system_key, f"expected a string, got {_json_type(system)}.")
+            raise _RecordError(system_key, f"expected a string, got {json_type(system)}.")
         messages = _build_conversation(turns, system, conversation_field, stage)
         tools = _parse_tools(record.get(tools_key), tools_key, tools_cache) if tools_key else []
         return messages, tools, _parse_label(record, label_key, stage)
@@ -897,7 +880,7 @@ def _load_files(spec: DatasetSpec, path: str, stage: str,
                     message = _unreadable_message(file_path, index, record)
                 elif not isinstance(record, dict):
                     message = (f"{file_path}: record {index}: expected a JSON object (one record "
-                               f"with named fields), got {_json_type(record)}.")
+                               f"with named fields), got {json_type(record)}.")
                 else:
                     messages, tools, label = convert(record)
                     examples.append(Example(messages=messages, tools=tools, label=label,

@@ -157,8 +157,9 @@ def _closest(word: str, candidates) -> str:
     return f' (did you mean "{match[0]}"?)' if match else ""
 
 
-def _json_type(value) -> str:
-    """The JSON name of a value's type, for messages a user who wrote JSON will understand."""
+def json_type(value) -> str:
+    """The JSON name of a value's type ("a string", "an object", ...), for messages a user who wrote
+    JSON will understand."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -167,7 +168,7 @@ def _json_type(value) -> str:
         return "a number"
     if isinstance(value, str):
         return "a string"
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return "a list"
     if isinstance(value, dict):
         return "an object"
@@ -183,7 +184,7 @@ def parse_entry(name: str, entry, info_path: str) -> DatasetSpec:
     if not isinstance(entry, dict):
         raise UserError(
             f"{where}: expected an object such as {{\"file_name\": \"data.json\"}}, "
-            f"got {_json_type(entry)}."
+            f"got {json_type(entry)}."
         )
     for key in entry:
         if key not in ENTRY_KEYS:
@@ -198,7 +199,7 @@ def parse_entry(name: str, entry, info_path: str) -> DatasetSpec:
             value = entry[key]
             if not isinstance(value, str) or not value:
                 raise UserError(
-                    f'{where}: key "{key}": expected a non-empty string, got {_json_type(value)}.'
+                    f'{where}: key "{key}": expected a non-empty string, got {json_type(value)}.'
                 )
             values[key] = value
     values.pop("file_sha1", None)
@@ -217,7 +218,7 @@ def parse_entry(name: str, entry, info_path: str) -> DatasetSpec:
         if not isinstance(entry["ranking"], bool):
             raise UserError(
                 f'{where}: key "ranking": expected true or false, '
-                f"got {_json_type(entry['ranking'])}."
+                f"got {json_type(entry['ranking'])}."
             )
         values["ranking"] = entry["ranking"]
 
@@ -235,7 +236,7 @@ def parse_entry(name: str, entry, info_path: str) -> DatasetSpec:
         mapping = entry[group]
         if not isinstance(mapping, dict):
             raise UserError(
-                f'{where}: key "{group}": expected an object, got {_json_type(mapping)}.'
+                f'{where}: key "{group}": expected an object, got {json_type(mapping)}.'
             )
         for key, value in mapping.items():
             if key not in known:
@@ -246,7 +247,7 @@ def parse_entry(name: str, entry, info_path: str) -> DatasetSpec:
             if not isinstance(value, str) or not value:
                 raise UserError(
                     f'{where}: key "{group}.{key}": expected a non-empty string (the name used '
-                    f"in the data file), got {_json_type(value)}."
+                    f"in the data file), got {json_type(value)}."
                 )
         values[group] = dict(mapping)
 
@@ -277,7 +278,7 @@ def _read_info(info_path: str) -> dict:
     if not isinstance(info, dict):
         raise UserError(
             f"{info_path}: expected an object that maps dataset names to entries, "
-            f"got {_json_type(info)}."
+            f"got {json_type(info)}."
         )
     return info
 
