@@ -70,7 +70,7 @@ def complete_checkpoints(output_dir: str) -> list[Path]:
     path = Path(output_dir)
     if not path.is_dir():
         return []
-    found = [p for p in path.iterdir() if p.is_dir() and checkpoint_step(p) is not None and (p / STATE_FILE).is_file()]
+    found = [p for p in path.iterdir() if p.is_dir() and checkpoint_step(p) is not None and is_complete(p)]
     return sorted(found, key=checkpoint_step)
 
 
@@ -87,12 +87,24 @@ def resolve_resume(resume: str | None, output_dir: str) -> Path | None:
             )
         return found[-1]
     path = Path(resume)
-    if not (path / STATE_FILE).is_file():
+    if not is_complete(path):
         raise UserError(
-            f"resume_from_checkpoint: {resume} is not a complete checkpoint (no {STATE_FILE}); "
+            f"resume_from_checkpoint: {resume} is not a complete checkpoint (no {STATE_FILE}, or files missing); "
             f"point it at a checkpoint-<step> folder, or use true for the latest one in output_dir."
         )
     return path
+
+
+def is_complete(folder: Path) -> bool:
+    """The state file is written last, and lists every file written before it with its size: a
+    checkpoint copied to other storage (Ray) is complete only if the copy holds all of them whole."""
+    try:
+        state = json.loads((Path(folder) / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    sizes = state.get("files", {})
+    return all((Path(folder) / name).is_file() and (Path(folder) / name).stat().st_size == size
+               for name, size in sizes.items())
 
 
 def rng_states() -> dict:
@@ -137,7 +149,8 @@ def write_main_files(folder: Path, *, model, optimizer, scheduler, state: dict) 
     model.save_pretrained(str(folder))
     torch.save(optimizer.state_dict(), folder / "optimizer.pt")
     torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-    (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    (folder / STATE_FILE).write_text(json.dumps({**state, "files": files}, indent=1))
 
 
 def publish(folder: Path, step: int, save_total_limit: int | None) -> Path:

@@ -384,7 +384,9 @@ def train(config: RunConfig, *, on_checkpoint=None) -> dict:
     # Accelerate keeps its settings in a process-wide singleton; a new run (a test, a restarted Ray
     # worker) must not inherit the last run's mixed precision.
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "fp16" if config.fp16 else "no")
+    # cpu=True without CUDA: Accelerate joins a CPU (gloo) process group under torchrun only when told.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              mixed_precision="bf16" if config.bf16 else "fp16" if config.fp16 else "no")
     main = accelerator.is_main_process
     say = print if main else (lambda *a, **k: None)
     output_dir = Path(config.output_dir)
@@ -419,8 +421,9 @@ def train(config: RunConfig, *, on_checkpoint=None) -> dict:
     attention, warning = packed_attention_implementation(config.flash_attn, accelerator.device)
     if warning:
         say(f"warning: {warning}")
-    if config.enable_liger_kernel and accelerator.device.type != "cuda":
-        say("warning: enable_liger_kernel needs a CUDA GPU; ignored (log-probs are already computed in chunks).")
+    if config.enable_liger_kernel:  # its fused linear + cross-entropy is what token_logps already does
+        say("warning: enable_liger_kernel is not applied: log-probs are already computed in chunks without "
+            "full logits; liger's fused norm/MLP kernels are not wired in yet.")
     model = load_trainable_model(config, device=accelerator.device, attn_implementation=attention)
     lora = config.finetuning_type == "lora"
     frozen_reference = None

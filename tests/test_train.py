@@ -193,7 +193,9 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_model_d
 
 
 def test_sft_gradient_accumulation_is_invariant(tmp_path, tiny_model_dir):
-    common = dict(stage="sft", max_steps=2, max_grad_norm=0.0, lr_scheduler_type="constant")
+    # A small learning rate: Adam divides by |g|, so float noise in near-zero gradient entries
+    # (summation order differs between the two runs) moves weights by up to ~10% of the rate.
+    common = dict(stage="sft", max_steps=2, max_grad_norm=0.0, lr_scheduler_type="constant", learning_rate=1e-4)
     one_big = make_config(tmp_path / "8x1", tiny_model_dir, per_device_train_batch_size=8,
                           gradient_accumulation_steps=1, **common)
     eight_small = make_config(tmp_path / "1x8", tiny_model_dir, per_device_train_batch_size=1,
@@ -203,11 +205,11 @@ def test_sft_gradient_accumulation_is_invariant(tmp_path, tiny_model_dir):
     difference = max_difference(adapter_weights(one_big.output_dir), adapter_weights(eight_small.output_dir))
     assert difference <= 1e-5
     # ... and the runs did move the adapter (a difference of 0 between two untrained adapters proves nothing).
-    assert max(float(w.abs().max()) for name, w in adapter_weights(one_big.output_dir).items() if "lora_B" in name) > 1e-3
+    assert max(float(w.abs().max()) for name, w in adapter_weights(one_big.output_dir).items() if "lora_B" in name) > 1e-4
 
 
 def test_kto_accumulation_is_invariant_and_works_at_micro_batch_one(tmp_path, tiny_model_dir):
-    common = dict(max_steps=2, max_grad_norm=0.0)
+    common = dict(max_steps=2, max_grad_norm=0.0, learning_rate=1e-4)  # small: see the SFT test
     a = make_config(tmp_path / "4x1", tiny_model_dir, per_device_train_batch_size=4, **common)
     b = make_config(tmp_path / "1x4", tiny_model_dir, per_device_train_batch_size=1, gradient_accumulation_steps=4,
                     **common)
@@ -300,3 +302,28 @@ def test_learning_rate_schedule_with_warmup(tmp_path, tiny_model_dir):
     rates = [json.loads(line)["learning_rate"] for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
     # logged after each step's scheduler update: warm-up to the peak at step 2, then linear decay to 0
     assert rates == pytest.approx([5e-4, 1e-3, 5e-4, 0.0])
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_process_with_accumulation(tmp_path, tiny_model_dir):
+    import os
+    import subprocess
+    import sys
+
+    common = dict(stage="sft", max_steps=3, per_device_train_batch_size=2, learning_rate=1e-4, save_steps=3)
+    single = make_config(tmp_path / "single", tiny_model_dir, gradient_accumulation_steps=2, **common)
+    run(single)
+    config_file = tmp_path / "ddp.yaml"
+    config_file.write_text(make_config(tmp_path / "ddp", tiny_model_dir, **common).to_yaml())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+         "-m", "prospect", "train", str(config_file)],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "× 1 accumulation × 2 processes" in result.stdout
+    ddp_out = Path(tmp_path / "ddp" / "out")
+    assert max_difference(adapter_weights(single.output_dir), adapter_weights(ddp_out)) <= 1e-5
+    losses = lambda folder: [json.loads(line)["loss"] for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses(ddp_out) == pytest.approx(losses(single.output_dir), abs=1e-5)
