@@ -368,10 +368,15 @@ def train(config: RunConfig, *, on_checkpoint=None) -> dict:
 
     `on_checkpoint(step, folder, is_main)`, if given, runs on every rank once checkpoint-<step> is
     complete (Ray workers use it to hand the checkpoint to Ray Train, see prospect/ray_launch.py)."""
+    import copy
+
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
+
+    from prospect.tracking import Tracker
 
     if config.fp16 and not torch.cuda.is_available():
         raise UserError("fp16: true needs a CUDA GPU; on CPU train in float32 (bf16: false) or bf16: true.")
@@ -379,8 +384,6 @@ def train(config: RunConfig, *, on_checkpoint=None) -> dict:
         raise UserError(f"deepspeed: {config.deepspeed} needs CUDA GPUs; remove the key to train on CPU.")
     if config.quantization_bit is not None and not torch.cuda.is_available():
         raise UserError("quantization_bit needs a CUDA GPU (bitsandbytes); remove the key to train on CPU.")
-    from accelerate.state import AcceleratorState
-
     # Accelerate keeps its settings in a process-wide singleton; a new run (a test, a restarted Ray
     # worker) must not inherit the last run's mixed precision.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -390,7 +393,6 @@ def train(config: RunConfig, *, on_checkpoint=None) -> dict:
     main = accelerator.is_main_process
     say = print if main else (lambda *a, **k: None)
     output_dir = Path(config.output_dir)
-    resume_from = None
     if main:
         checkpoints.prepare_output_dir(config.output_dir, overwrite=config.overwrite_output_dir,
                                        resume=config.resume_from_checkpoint)
@@ -428,8 +430,6 @@ def train(config: RunConfig, *, on_checkpoint=None) -> dict:
     lora = config.finetuning_type == "lora"
     frozen_reference = None
     if config.stage == "kto" and not lora:
-        import copy
-
         frozen_reference = copy.deepcopy(model).eval().requires_grad_(False)
     hidden_model = HiddenStates(model)
     head = hidden_model.causal_lm().get_output_embeddings()
@@ -446,7 +446,7 @@ def train(config: RunConfig, *, on_checkpoint=None) -> dict:
         f"processes), {sum(p.numel() for p in trainable):,} trainable parameters, attention {attention}")
 
     # --- KTO reference log-probs, once -----------------------------------------------------------
-    reference_passes = 0
+    reference_passes, reference_start = 0, time.perf_counter()
     if config.stage == "kto":
         splits = {"train": train_set, **({"eval": eval_set} if eval_set is not None else {})}
         reference_passes = load_or_compute_reference(
@@ -454,6 +454,7 @@ def train(config: RunConfig, *, on_checkpoint=None) -> dict:
             accelerator=accelerator, output_dir=output_dir,
         )
         frozen_reference = None  # the frozen copy of full fine-tuning is not needed after this
+    reference_seconds = time.perf_counter() - reference_start
 
     # --- resume ----------------------------------------------------------------------------------
     start_step = 0
@@ -463,8 +464,6 @@ def train(config: RunConfig, *, on_checkpoint=None) -> dict:
         _check_resumable(state, schedule, config, resume_from)
         start_step = state["step"]
         say(f"resumed from {resume_from} at step {start_step}")
-
-    from prospect.tracking import Tracker
 
     tracker = Tracker(str(output_dir), config, resume_step=start_step if resume_from else None) if main else None
     if main:
@@ -539,6 +538,7 @@ def train(config: RunConfig, *, on_checkpoint=None) -> dict:
             "tokens_per_second": totals["tokens"] / max(totals["step_seconds"], 1e-9),  # optimizer steps only
             "trained_tokens_per_second": totals["trained_tokens"] / max(totals["step_seconds"], 1e-9),
             "reference_forward_passes": reference_passes,
+            "reference_seconds": reference_seconds,
             "peak_memory_bytes": _peak_memory_bytes(accelerator.device),
             "world_size": accelerator.num_processes,
         }
