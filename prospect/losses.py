@@ -24,7 +24,7 @@ IGNORE_INDEX = -100  # same as prospect.data.encode.IGNORE_INDEX (not imported: 
 
 
 def token_logps(
-    hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, *, chunk_size: int = 1024
+    hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, *, chunk_size: int = 512
 ) -> torch.Tensor:
     """log p(targets[t] | hidden[t]) in float32, 0.0 where targets[t] == -100.
 
@@ -61,8 +61,12 @@ def token_logps(
     head_trains = any(p.requires_grad for p in lm_head.parameters())
     if not (torch.is_grad_enabled() and (hidden.requires_grad or head_trains)):
         with torch.no_grad():
-            pieces = [_chunk_logps(lm_head, h, y) for h, y in _chunks(hidden_used, targets_used, chunk_size)]
-        logps_used = torch.cat(pieces)
+            if type(lm_head) is nn.Linear:
+                logps_used, _ = _linear_logps(hidden_used, lm_head.weight, lm_head.bias, targets_used, chunk_size,
+                                              with_grad=False)
+            else:
+                pieces = [_chunk_logps(lm_head, h, y) for h, y in _chunks(hidden_used, targets_used, chunk_size)]
+                logps_used = torch.cat(pieces)
     elif type(lm_head) is nn.Linear and not head_trains:  # exact type: quantized/FSDP subclasses need their own forward
         logps_used = _FrozenLinearLogps.apply(hidden_used, lm_head.weight, lm_head.bias, targets_used, chunk_size)
     else:
@@ -87,22 +91,51 @@ def _chunk_logps(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
+def _linear_logps(hidden, weight, bias, targets, chunk_size: int, *, with_grad: bool):
+    """Log-probs [T] of a linear head, chunk by chunk, and with_grad: d logp_t / d hidden_t [T, H].
+
+    Each chunk's float32 logits live in one [C, V] buffer that every chunk reuses and that is worked
+    on in place: logsumexp as max + log Σ exp(logits − max), then, for the gradient,
+    onehot(y) − softmax = onehot(y) − exp(logits − max) / Σ, and d logp / d hidden = that @ W.
+    No other [C, V] tensor is made (torch's logsumexp would allocate one), and the buffer is
+    allocated once, so the allocator does not hand back and re-fault C × V × 4 bytes per chunk.
+    """
+    device = hidden.device
+    logps = torch.empty(targets.shape, dtype=torch.float32, device=device)  # [T]
+    dlogp_dhidden = torch.empty_like(hidden) if with_grad else None  # [T, H]
+    # matmul straight into the float32 buffer when nothing casts (float32 weights, no autocast)
+    direct = (weight.dtype == hidden.dtype == torch.float32 and not torch.is_autocast_enabled(device.type))
+    buffer = torch.empty((min(chunk_size, len(targets)), weight.shape[0]), dtype=torch.float32, device=device) \
+        if direct else None
+    for start in range(0, len(targets), chunk_size):
+        h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if direct:
+            logits = torch.mm(h, weight.t(), out=buffer[: len(y)])  # [C, V]
+            if bias is not None:
+                logits.add_(bias)
+        else:
+            logits = F.linear(h, weight, bias).float()  # bfloat16 matmul, float32 softmax
+        target_logits = logits.gather(-1, y[:, None]).squeeze(-1)
+        max_logits = logits.amax(-1, keepdim=True)
+        sum_exp = logits.sub_(max_logits).exp_().sum(-1, keepdim=True)  # logits now hold exp(logits − max)
+        logps[start : start + len(y)] = target_logits - (max_logits + sum_exp.log()).squeeze(-1)
+        if with_grad:
+            dlogp_dlogits = logits.mul_(sum_exp.reciprocal().neg_())  # −softmax
+            dlogp_dlogits[torch.arange(len(y), device=y.device), y] += 1.0  # onehot(y) − softmax
+            out = dlogp_dhidden[start : start + len(y)]
+            if direct:
+                torch.mm(dlogp_dlogits, weight, out=out)
+            else:
+                out.copy_(dlogp_dlogits.to(weight.dtype) @ weight)
+    return logps, dlogp_dhidden
+
+
 class _FrozenLinearLogps(torch.autograd.Function):
     """token_logps for a frozen `nn.Linear` head: the gradient w.r.t. hidden is computed forward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size):  # [T, H], [V, H], [V] | None, [T], int
-        logps = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)  # [T]
-        dlogp_dhidden = torch.empty_like(hidden)  # [T, H]; chunks are written into views of both
-        chunks = zip(*(tensor.split(chunk_size) for tensor in (hidden, targets, logps, dlogp_dhidden)))
-        for h, y, logps_out, dlogp_dhidden_out in chunks:
-            logits = F.linear(h, weight, bias).float()  # [C, V]
-            logsumexp = logits.logsumexp(-1)
-            logps_out.copy_(logits.gather(-1, y[:, None]).squeeze(-1) - logsumexp)
-            # onehot(y) − softmax, built in place in the logits buffer (no second [C, V] tensor)
-            dlogp_dlogits = logits.sub_(logsumexp[:, None]).exp_().neg_()
-            dlogp_dlogits[torch.arange(len(y), device=y.device), y] += 1.0
-            dlogp_dhidden_out.copy_(dlogp_dlogits.to(weight.dtype) @ weight)
+        logps, dlogp_dhidden = _linear_logps(hidden, weight, bias, targets, chunk_size, with_grad=True)
         ctx.save_for_backward(dlogp_dhidden)  # the only thing kept for backward
         return logps
 

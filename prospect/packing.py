@@ -95,6 +95,25 @@ def pack(sequences: list[tuple[list[int], list[int]]]) -> PackedBatch:
     )
 
 
+class PromptCache:
+    """The keys and values of each sequence's first `prefix_lens[i]` tokens, per layer: captured by one
+    forward of packed sequences, read by a second forward that continues those prefixes.
+
+    KTO's KL pair i is example i's prompt followed by another example's completion. The policy's
+    forward over the targets (prompt_i + completion_i) captures the prompts' keys and values
+    (`mode = "capture"`); the KL pass then runs only the partners' completions, each attending to its
+    prompt's cached keys and values (`mode = "extend"`), so no prompt is computed twice. Pass it to the
+    model as `prompt_cache=` (transformers hands keyword arguments down to the attention function);
+    only `prospect_packed` attention reads it. `mode = "off"` makes the attention ignore it (e.g. when
+    gradient checkpointing recomputes the capturing forward during backward).
+    """
+
+    def __init__(self, prefix_lens: list[int]):
+        self.prefix_lens = list(prefix_lens)
+        self.mode = "capture"
+        self.layers: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
 def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Causal attention within each packed sequence (query/key/value: [1, heads, T, head_dim]).
 
@@ -102,6 +121,9 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     assert attention_mask is None, "packed attention takes sequence bounds (cu_seq_lens_q), not a mask"
     bounds = kwargs["cu_seq_lens_q"].tolist()
     grouped = query.shape[1] != key.shape[1]  # grouped-query attention: fewer key/value heads
+    cache = kwargs.get("prompt_cache")
+    if cache is not None and cache.mode == "extend":
+        return _extend_attention(module, cache, query, key, value, bounds, dropout, scaling, grouped), None
     outputs = [
         F.scaled_dot_product_attention(
             query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
@@ -109,7 +131,29 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
         )
         for start, end in zip(bounds[:-1], bounds[1:])
     ]
+    if cache is not None and cache.mode == "capture":
+        cache.layers[module.layer_idx] = [
+            (key[:, :, start : start + n].detach(), value[:, :, start : start + n].detach())
+            for start, n in zip(bounds[:-1], cache.prefix_lens)
+        ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _extend_attention(module, cache, query, key, value, bounds, dropout, scaling, grouped):
+    """Each packed sequence continues cached prefix i: its queries see the prefix and, causally, itself."""
+    prefixes = cache.layers[module.layer_idx]
+    assert len(prefixes) == len(bounds) - 1, "a prompt cache continues exactly the sequences it captured"
+    outputs = []
+    for (start, end), (prefix_key, prefix_value) in zip(zip(bounds[:-1], bounds[1:]), prefixes):
+        length, prefix = end - start, prefix_key.shape[2]
+        # query t (at position prefix + t) sees keys 0 .. prefix + t: causal, aligned bottom-right
+        visible = torch.ones(length, prefix + length, dtype=torch.bool, device=query.device).tril(prefix)
+        outputs.append(F.scaled_dot_product_attention(
+            query[:, :, start:end], torch.cat([prefix_key, key[:, :, start:end]], dim=2),
+            torch.cat([prefix_value, value[:, :, start:end]], dim=2),
+            attn_mask=visible, dropout_p=dropout, scale=scaling, enable_gqa=grouped,
+        ))
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
 
 
 def register_packed_attention() -> None:

@@ -51,7 +51,7 @@ from prospect.data.report import balance_advice, kto_balance
 from prospect.errors import UserError
 from prospect.losses import kl_partners, kto_loss, kto_reference_point, token_logps
 from prospect.model import load_tokenizer, load_trainable_model
-from prospect.packing import PackedBatch, pack, packed_attention_implementation
+from prospect.packing import PACKED_ATTENTION, PackedBatch, PromptCache, pack, packed_attention_implementation
 
 REFERENCE_FILE = "reference_logps.safetensors"
 
@@ -145,18 +145,42 @@ class Examples:
         rows = self.dataset[indices]
         return pack(list(zip(rows["input_ids"], rows["labels"])))
 
-    def kl_pairs(self, indices: list[int]) -> PackedBatch:
-        """Prompt of example i + completion of its partner, cut to cutoff_len."""
+    def _kl_pair_ids(self, indices: list[int]) -> list[tuple[list[int], int]]:
+        """(prompt of example i + completion of its partner, cut to cutoff_len; the prompt's length) per index."""
         rows = self.dataset[indices]
         partners = self.dataset[[self.partners[i] for i in indices]]
-        sequences = []
-        for ids, prompt_len, partner_ids, partner_prompt_len in zip(
-            rows["input_ids"], rows["prompt_len"], partners["input_ids"], partners["prompt_len"]
-        ):
-            completion = partner_ids[partner_prompt_len:]
-            pair = (ids[:prompt_len] + completion)[: self.cutoff_len]
-            sequences.append((pair, [IGNORE_INDEX] * prompt_len + pair[prompt_len:]))
-        return pack(sequences)
+        return [
+            ((ids[:prompt_len] + partner_ids[partner_prompt_len:])[: self.cutoff_len], prompt_len)
+            for ids, prompt_len, partner_ids, partner_prompt_len in zip(
+                rows["input_ids"], rows["prompt_len"], partners["input_ids"], partners["prompt_len"])
+        ]
+
+    def kl_pairs(self, indices: list[int]) -> PackedBatch:
+        """Prompt of example i + completion of its partner, cut to cutoff_len; the completion is trained."""
+        return pack([(pair, [IGNORE_INDEX] * prompt_len + pair[prompt_len:])
+                     for pair, prompt_len in self._kl_pair_ids(indices)])
+
+    def kl_continuations(self, indices: list[int]) -> PackedBatch:
+        """The KL pairs of `kl_pairs` from their last prompt token on, at their positions in the pair: what
+        the policy runs on top of a `PromptCache` of the prompts (all but their last token), captured by
+        the forward over `targets(indices)`. Same log-probs as `kl_pairs`, without computing prompts twice."""
+        pairs = self._kl_pair_ids(indices)
+        batch = pack([(pair[prompt_len - 1 :], [IGNORE_INDEX] + pair[prompt_len:]) for pair, prompt_len in pairs])
+        offsets = torch.tensor([prompt_len - 1 for _, prompt_len in pairs])
+        batch.position_ids += offsets[batch.sequence_index]
+        return batch
+
+    def prompt_cache(self, indices: list[int], hidden_model) -> PromptCache | None:
+        """A `PromptCache` for the prompts of `indices` (all but their last token), or None where it
+        cannot be used: an attention backend other than prospect_packed, or a prompt of 0 tokens or
+        longer than cutoff_len."""
+        model = getattr(hidden_model, "module", hidden_model)  # DDP wraps the HiddenStates module
+        if model.causal_lm().config._attn_implementation != PACKED_ATTENTION:
+            return None
+        prompt_lens = self.dataset[indices]["prompt_len"]
+        if not prompt_lens or min(prompt_lens) < 1 or max(prompt_lens) > self.cutoff_len:
+            return None
+        return PromptCache([n - 1 for n in prompt_lens])
 
     def fingerprint(self) -> str:
         """A hash of the token ids, labels and KL pairing: what the reference log-probs depend on."""
@@ -196,10 +220,12 @@ class HiddenStates(torch.nn.Module):
         return self.causal_lm().get_decoder()(**inputs).last_hidden_state[0]
 
 
-def sequence_logps(hidden_model, head, batch: PackedBatch, device) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(hidden_model, head, batch: PackedBatch, device, prompt_cache: PromptCache | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-sequence summed log-probs of the targets [B], per-token log-probs [T]), float32."""
     batch = batch.to(device)
-    hidden = hidden_model(**batch.model_inputs())
+    extra = {} if prompt_cache is None else {"prompt_cache": prompt_cache}
+    hidden = hidden_model(**batch.model_inputs(), **extra)
     per_token = token_logps(hidden, head, batch.targets)
     per_sequence = torch.zeros(batch.num_sequences, dtype=torch.float32, device=device)
     return per_sequence.index_add(0, batch.sequence_index, per_token), per_token
@@ -226,8 +252,12 @@ def compute_reference_logps(examples: Examples, hidden_model, head, *, accelerat
     for chunk in tqdm(batches_of(mine, batch_size), desc=desc, disable=not accelerator.is_main_process,
                       leave=False, dynamic_ncols=True):
         index = torch.tensor(chunk, device=accelerator.device)
-        logps[index] = sequence_logps(hidden_model, head, examples.targets(chunk), accelerator.device)[0]
-        kl_logps[index] = sequence_logps(hidden_model, head, examples.kl_pairs(chunk), accelerator.device)[0]
+        cache = examples.prompt_cache(chunk, hidden_model)  # the KL pass reuses the targets' prompts
+        logps[index] = sequence_logps(hidden_model, head, examples.targets(chunk), accelerator.device, cache)[0]
+        if cache is not None:
+            cache.mode = "extend"
+        kl_batch = examples.kl_pairs(chunk) if cache is None else examples.kl_continuations(chunk)
+        kl_logps[index] = sequence_logps(hidden_model, head, kl_batch, accelerator.device, cache)[0]
         passes += 2
     if accelerator.num_processes > 1:
         logps, kl_logps = accelerator.reduce(logps, "sum"), accelerator.reduce(kl_logps, "sum")
@@ -336,11 +366,15 @@ def reduce_sums(values: dict, accelerator) -> dict:
     return dict(zip(keys, tensor.tolist()))
 
 
-def global_reference_point(policy_kl_logps, reference_kl_logps, accelerator) -> torch.Tensor:
-    """KTO's z0 over the KL pairs of all ranks: each rank's mean weighted by its count, then clamped."""
-    local_mean = kto_reference_point(policy_kl_logps, reference_kl_logps, clamp=False)
-    totals = reduce_sums({"sum": float(local_mean) * len(policy_kl_logps), "count": len(policy_kl_logps)},
-                         accelerator)
+def global_reference_point(policy_kl_logps: list[torch.Tensor], reference_kl_logps, accelerator) -> torch.Tensor:
+    """KTO's z0 over the KL pairs of all ranks (`kto_reference_point` of all of them): each rank's mean
+    weighted by its count, then clamped. A rank may hold no pair (a short last step, a small eval set)."""
+    if not policy_kl_logps:
+        local_mean, count = 0.0, 0
+    else:
+        policy = torch.cat(policy_kl_logps)
+        local_mean, count = float(kto_reference_point(policy, reference_kl_logps, clamp=False)), len(policy)
+    totals = reduce_sums({"sum": local_mean * count, "count": count}, accelerator)
     return torch.tensor(totals["sum"] / totals["count"]).clamp(min=0)
 
 
@@ -598,12 +632,31 @@ def _kto_step(config: RunConfig, examples: Examples, indices, micro_batches, hid
        averaged over the whole step (all micro-batches, all ranks) and clamped at 0.
     2. For each micro-batch: the policy's completion log-probs, the KTO loss of each example, summed
        and divided by the number of examples in the step (so the step's loss is their mean).
+
+    With one micro-batch (no accumulation) its forward runs first and keeps the prompts' keys and values
+    (PromptCache), so the KL pass runs only the partners' completions. With accumulation the KL pass must
+    precede every backward, so it runs first, on whole KL pairs.
     """
     world, device = accelerator.num_processes, accelerator.device
+    # No-grad passes run on the module DDP wraps: a DDP forward broadcasts buffers, a collective, and
+    # ranks may run different numbers of KL passes (a rank whose micro-batch is a stand-in runs none).
+    no_grad_model = accelerator.unwrap_model(hidden_model)
+    paired = [chunk for chunk, weight in micro_batches if weight > 0]
+    first_forward, cache = None, None  # (batch, policy log-probs) of the only micro-batch
+    if len(micro_batches) == 1:  # true on every rank or on none: each rank's DDP forward comes first
+        chunk, weight = micro_batches[0]
+        cache = examples.prompt_cache(chunk, hidden_model) if weight > 0 else None
+        batch = examples.targets(chunk)
+        first_forward = batch, sequence_logps(hidden_model, head, batch, device, cache)[0]
     with torch.no_grad():
-        paired = [chunk for chunk, weight in micro_batches if weight > 0]
-        policy_kl = torch.cat([sequence_logps(hidden_model, head, examples.kl_pairs(chunk), device)[0].cpu()
-                               for chunk in paired])
+        if cache is not None:
+            cache.mode = "extend"
+            policy_kl = [sequence_logps(no_grad_model, head, examples.kl_continuations(paired[0]), device,
+                                        cache)[0].cpu()]
+            cache.mode, cache.layers = "off", {}  # e.g. gradient checkpointing's recompute ignores it
+        else:
+            policy_kl = [sequence_logps(no_grad_model, head, examples.kl_pairs(chunk), device)[0].cpu()
+                         for chunk in paired]
         reference_kl = examples.reference_kl_logps[[i for chunk in paired for i in chunk]]
         reference_point = global_reference_point(policy_kl, reference_kl, accelerator).to(device)
 
@@ -611,10 +664,13 @@ def _kto_step(config: RunConfig, examples: Examples, indices, micro_batches, hid
     sums = dict.fromkeys(Window.KEYS, 0.0)
     sums.pop("grad_norm"), sums.pop("steps")
     for number, (chunk, weight) in enumerate(micro_batches):
-        batch = examples.targets(chunk)
         labels = examples.labels(chunk).to(device)
         with _sync_unless_last(accelerator, hidden_model, number, len(micro_batches)):
-            policy_logps, _ = sequence_logps(hidden_model, head, batch, device)
+            if first_forward is None:
+                batch = examples.targets(chunk)
+                policy_logps = sequence_logps(hidden_model, head, batch, device)[0]
+            else:
+                batch, policy_logps = first_forward
             losses, rewards = kto_loss(
                 policy_logps, examples.reference_logps[chunk].to(device), labels, reference_point,
                 beta=config.pref_beta, chosen_weight=config.kto_chosen_weight,
@@ -643,22 +699,23 @@ def evaluate_split(config: RunConfig, examples: Examples, hidden_model, head, ac
     """Held-out metrics. SFT: mean token NLL. KTO: the loss with z0 over all eval KL pairs, the
     rewards, and `rewards/accuracy`, the share of examples whose implied reward has their label's sign."""
     hidden_model.eval()
+    model = accelerator.unwrap_model(hidden_model)  # ranks may run different numbers of forwards (see _kto_step)
     mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
     chunks = batches_of(mine, config.per_device_eval_batch_size)
     window = Window()
     if config.stage == "sft":
         for chunk in chunks:
             batch = examples.targets(chunk)
-            _, per_token = sequence_logps(hidden_model, head, batch, accelerator.device)
+            _, per_token = sequence_logps(model, head, batch, accelerator.device)
             window.add({"loss_sum": float(-per_token.sum()), "loss_count": batch.num_trained_tokens})
         window.sums = reduce_sums(window.sums, accelerator)
         return window.means("sft")
-    policy_kl = [sequence_logps(hidden_model, head, examples.kl_pairs(chunk), accelerator.device)[0].cpu()
+    policy_kl = [sequence_logps(model, head, examples.kl_pairs(chunk), accelerator.device)[0].cpu()
                  for chunk in chunks]
-    policy_logps = [sequence_logps(hidden_model, head, examples.targets(chunk), accelerator.device)[0].cpu()
+    policy_logps = [sequence_logps(model, head, examples.targets(chunk), accelerator.device)[0].cpu()
                     for chunk in chunks]
     reference_point = global_reference_point(  # z0 over every eval KL pair
-        torch.cat(policy_kl), examples.reference_kl_logps[mine], accelerator)
+        policy_kl, examples.reference_kl_logps[mine], accelerator)
     for chunk, logps in zip(chunks, policy_logps):
         labels = examples.labels(chunk)
         losses, rewards = kto_loss(logps, examples.reference_logps[chunk], labels, reference_point,

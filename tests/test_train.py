@@ -274,9 +274,11 @@ def test_training_continues_from_an_existing_adapter(tmp_path, tiny_model_dir):
         run(make_config(tmp_path / "third", tiny_model_dir, stage="sft", adapter_name_or_path=str(tmp_path)))
 
 
-def test_gradient_checkpointing_gives_the_same_update(tmp_path, tiny_model_dir, spy_model):
-    plain = make_config(tmp_path / "plain", tiny_model_dir, stage="sft", max_steps=2)
-    checkpointed = make_config(tmp_path / "ckpt", tiny_model_dir, stage="sft", max_steps=2, gradient_checkpointing=True)
+@pytest.mark.parametrize("stage", ["sft", "kto"])  # KTO: the recompute must ignore the KL pass's prompt cache
+def test_gradient_checkpointing_gives_the_same_update(tmp_path, tiny_model_dir, spy_model, stage):
+    plain = make_config(tmp_path / "plain", tiny_model_dir, stage=stage, max_steps=3)
+    checkpointed = make_config(tmp_path / "ckpt", tiny_model_dir, stage=stage, max_steps=3,
+                               gradient_checkpointing=True)
     run(plain), run(checkpointed)
     assert [m.get_base_model().is_activation_checkpointing for m in spy_model] == [False, True]
     assert max_difference(adapter_weights(plain.output_dir), adapter_weights(checkpointed.output_dir)) <= 1e-6
@@ -305,19 +307,25 @@ def test_learning_rate_schedule_with_warmup(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_equal_one_process_with_accumulation(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("stage", ["sft", "kto"])
+def test_torchrun_two_processes_equal_one_process_with_accumulation(tmp_path, tiny_model_dir, stage):
     import os
     import subprocess
     import sys
 
-    common = dict(stage="sft", max_steps=3, per_device_train_batch_size=2, learning_rate=1e-4, save_steps=3)
+    common = dict(stage=stage, max_steps=3, per_device_train_batch_size=2, learning_rate=1e-4, save_steps=3)
+    if stage == "kto":  # 9 examples in steps of 4: the last step's one example leaves rank 1 a stand-in only;
+        # 9 held-out examples in eval batches of 4: rank 0 runs 2 eval batches, rank 1 one
+        common.update(max_samples=18, val_size=9, eval_steps=3, per_device_eval_batch_size=4, max_steps=-1,
+                      num_train_epochs=1, learning_rate=1e-3)
     single = make_config(tmp_path / "single", tiny_model_dir, gradient_accumulation_steps=2, **common)
     run(single)
     config_file = tmp_path / "ddp.yaml"
     config_file.write_text(make_config(tmp_path / "ddp", tiny_model_dir, **common).to_yaml())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master_port={29533 if stage == 'sft' else 29534}",
          "-m", "prospect", "train", str(config_file)],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
     )
@@ -327,3 +335,47 @@ def test_torchrun_two_processes_equal_one_process_with_accumulation(tmp_path, ti
     assert max_difference(adapter_weights(single.output_dir), adapter_weights(ddp_out)) <= 1e-5
     losses = lambda folder: [json.loads(line)["loss"] for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert losses(ddp_out) == pytest.approx(losses(single.output_dir), abs=1e-5)
+    assert len(losses(ddp_out)) == (3 if stage == "sft" else 4)  # KTO: 3 steps and an evaluation
+
+
+@pytest.mark.parametrize("cutoff_len", [256, 40])  # 40: some KL pairs are cut at cutoff_len
+def test_kl_pass_on_cached_prompts_equals_whole_kl_pairs(tmp_path, tiny_model_dir, cutoff_len):
+    """The KL pass continues the prompts cached by the target forward (PromptCache): its log-probs must
+    be those of running the whole KL pairs, with a trained LoRA (not the zero-B start) and grouped-query
+    attention, both with grad (the training step) and without (the reference pass)."""
+    from prospect.data.pipeline import prepare_data
+    from prospect.model import load_tokenizer, load_trainable_model
+    from prospect.packing import packed_attention_implementation
+    from prospect.train import Examples, HiddenStates, sequence_logps
+
+    config = make_config(tmp_path, tiny_model_dir, cutoff_len=cutoff_len)
+    examples = Examples(prepare_data(config, load_tokenizer(config.model_name_or_path)).train, stage="kto",
+                        cutoff_len=cutoff_len, seed=3)
+    attention, _ = packed_attention_implementation("auto", torch.device("cpu"))
+    model = load_trainable_model(config, device=torch.device("cpu"), attn_implementation=attention)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    hidden_model = HiddenStates(model)
+    head = hidden_model.causal_lm().get_output_embeddings()
+    prompt_lens = examples.dataset["prompt_len"]  # first the examples whose prompt is longer than their partner's
+    indices = sorted(range(len(examples)), key=lambda i: prompt_lens[examples.partners[i]] - prompt_lens[i])[:5]
+    expected_kl = sequence_logps(hidden_model, head, examples.kl_pairs(indices), "cpu")[0]
+    expected_targets = sequence_logps(hidden_model, head, examples.targets(indices), "cpu")[0]
+    if cutoff_len == 40:
+        partners = [examples.dataset[examples.partners[i]] for i in indices]
+        pair_lens = [examples.dataset[i]["prompt_len"] + len(partner["input_ids"]) - partner["prompt_len"]
+                     for i, partner in zip(indices, partners)]
+        assert max(pair_lens) > cutoff_len, "the case must include a KL pair cut at cutoff_len"
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            cache = examples.prompt_cache(indices, hidden_model)
+            assert cache is not None
+            targets = sequence_logps(hidden_model, head, examples.targets(indices), "cpu", cache)[0]
+            cache.mode = "extend"
+            kl = sequence_logps(hidden_model, head, examples.kl_continuations(indices), "cpu", cache)[0]
+        assert torch.allclose(targets, expected_targets, atol=1e-5, rtol=0)
+        assert torch.allclose(kl, expected_kl, atol=1e-4, rtol=1e-6), (kl, expected_kl)
+        assert float((kl - expected_kl).abs().max()) < 1e-3 * float(expected_kl.abs().max())
