@@ -84,8 +84,9 @@ def _load(args):
 
 
 def _train(args) -> None:
-    from prospect.launch import launch
+    from prospect.launch import launch, set_allocator_env
 
+    set_allocator_env()  # before anything imports torch
     launch(_load(args))
 
 

@@ -207,11 +207,14 @@ def load_trainable_model(config, *, device, attn_implementation: str):
     """
     import torch
 
+    from prospect.kernels import use_lean_mlp
+
     lora = config.finetuning_type == "lora"
     dtype = torch.bfloat16 if (config.bf16 and lora) else torch.float32
     model = load_model(config.model_name_or_path, dtype=dtype, trust_remote_code=config.trust_remote_code,
                        cache_dir=config.cache_dir, attn_implementation=attn_implementation)
     model.config.use_cache = False  # no KV cache while training
+    use_lean_mlp(model)  # the MLPs keep 2 of their 3 largest activations for backward (prospect/kernels.py)
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if lora:

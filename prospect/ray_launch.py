@@ -52,6 +52,7 @@ from pathlib import Path, PurePosixPath
 
 from prospect.config import RunConfig
 from prospect.errors import UserError
+from prospect.launch import ALLOCATOR_ENV
 
 RUN_CONFIG_FILE = "run_config.yaml"
 # Ray Train's record of the registered checkpoints of a run folder (ray/train/v2 CheckpointManager).
@@ -91,7 +92,8 @@ def launch_on_ray(config: RunConfig, *, train_loop=None) -> dict:
     _check_gpu_only_options(config, use_gpu)
     env_vars = _runtime_env_vars(config)
     # Ray Train 2.x tees each worker's print() into its logger, so every line would show twice.
-    worker_env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **env_vars}
+    worker_env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                  **{name: os.environ.get(name, value) for name, value in ALLOCATOR_ENV.items()}, **env_vars}
     config = _resolved(config)
     storage = RunFolder(config.ray_storage_path, config.ray_run_name)
 

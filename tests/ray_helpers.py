@@ -31,7 +31,8 @@ def train_loop(loop_config: dict) -> dict:
     first_attempt = ray.train.get_checkpoint() is None
     record_dir = os.environ.get("PROSPECT_TEST_RECORD_DIR")
     if record_dir:
-        seen = {name: value for name, value in os.environ.items() if name.startswith("PROSPECT_TEST_")}
+        seen = {name: value for name, value in os.environ.items()
+                if name.startswith("PROSPECT_TEST_") or name == "THP_MEM_ALLOC_ENABLE"}
         record = {"rank": rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                   "first_attempt": first_attempt, "env": seen}
         Path(record_dir, f"{os.getpid()}.json").write_text(json.dumps(record))

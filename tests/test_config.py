@@ -1,5 +1,6 @@
 """Config: LLaMA-Factory keys accepted with their meaning, typed, validated, with clear errors."""
 
+import os
 import subprocess
 import sys
 import time
@@ -142,3 +143,17 @@ def test_examples_readme_lists_every_key():
     text = (ROOT / "examples" / "README.md").read_text()
     missing = [key for key in FIELDS if f"| `{key}` |" not in text]
     assert missing == []
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])
+def test_train_sets_the_allocator_before_torch_is_imported(preset, expected):
+    """prospect train sets THP_MEM_ALLOC_ENABLE (prospect.launch.ALLOCATOR_ENV), which PyTorch reads at its
+    first allocation, before anything imports torch; a value the user set wins."""
+    code = ("import os, sys; import prospect.cli as cli, prospect.launch as launch; "
+            "launch.launch = lambda config: print('torch' in sys.modules, os.environ['THP_MEM_ALLOC_ENABLE']); "
+            "cli.main(['train', 'examples/kto_lora.yaml'])")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT, env=env)
+    assert out.stdout.split() == ["False", expected]

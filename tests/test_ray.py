@@ -236,6 +236,7 @@ def test_runtime_env_vars_from_the_yaml_reach_every_worker(sft_runs, workdir):
     records = read_records(workdir, "sft")
     assert sorted(r["rank"] for r in records) == [0, 1]
     assert all(r["env"]["PROSPECT_TEST_GREETING"] == GREETING for r in records)
+    assert all(r["env"]["THP_MEM_ALLOC_ENABLE"] == "1" for r in records), "the allocator setting of prospect.launch"
 
 
 @pytest.mark.slow
