@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--kto-data-for-sft", action="store_true",
                         help="SFT on the KTO examples (cutoff 512), to compare a KTO step with an SFT step")
     parser.add_argument("--set", action="append", default=[], help="extra prospect config key=value")
+    parser.add_argument("--no-prompt-cache", action="store_true",
+                        help="KTO: run the KL pass on whole KL pairs (what the prompt cache saves)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -126,6 +128,8 @@ def main() -> None:
     T.Examples.kl_continuations = timers.wrap(T.Examples.kl_continuations, "data/packing")
     T.Examples.labels = timers.wrap(T.Examples.labels, "data/packing")
     T.kto_loss = timers.wrap(T.kto_loss, "loss")
+    if args.no_prompt_cache:
+        T.Examples.prompt_cache = lambda self, indices, hidden_model: None
     accelerate.Accelerator.backward = timers.wrap(accelerate.Accelerator.backward, "backward")
     accelerate.Accelerator.clip_grad_norm_ = timers.wrap(accelerate.Accelerator.clip_grad_norm_, "optimizer")
     accelerate.optimizer.AcceleratedOptimizer.step = timers.wrap(accelerate.optimizer.AcceleratedOptimizer.step,
