@@ -345,6 +345,14 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
+def default_threads() -> int:
+    """2 torch threads (this machine's cores); a busy machine is reported, not silently worked around."""
+    if load_average() > 1.5:
+        print(f"warning: the 1-min load average is {load_average():.2f}: something else is running, so the "
+              "timings will be slower than on an idle machine (wait, or pass --threads 1)", file=sys.stderr, flush=True)
+    return 2
+
+
 def epoch_seconds(result: dict, epoch: int) -> float:
     """Seconds of epoch `epoch` (0-based) from the end-of-step timestamps."""
     ends, per = result["step_end_seconds"], result["steps_per_epoch"]
@@ -424,7 +432,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="tiny random model, 8 examples, 1 repeat")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads in every run (default: 2, or 1 when the 1-min load average is above 1.5)")
+                        help="torch threads in every run (default: 2; warns when the machine is busy)")
     parser.add_argument("--peers", default=None, help="comma list of peers to run (default: all of the stage)")
     parser.add_argument("--scan", type=int, default=300, help="how many records to look at when choosing examples")
     parser.add_argument("--workdir", default=None, help="keep the runs' folders and logs here")
@@ -438,7 +446,7 @@ def main() -> None:
         args.examples, args.repeats = min(args.examples, 8), 1
         if args.peers is None:
             args.peers = QUICK_PEERS[args.stage]
-    threads = args.threads or (1 if load_average() > 1.5 else 2)
+    threads = args.threads or default_threads()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="prospect-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(REPO))

@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--stage", choices=["kto", "sft"], default="kto")
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps to run (the first is left out)")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: 2; warns when the machine is busy)")
     parser.add_argument("--ops", action="store_true", help="also print torch.profiler's top operators of step 3")
     parser.add_argument("--kto-data-for-sft", action="store_true",
                         help="SFT on the KTO examples (cutoff 512), to compare a KTO step with an SFT step")
@@ -85,7 +85,7 @@ def main() -> None:
 
     import os
 
-    threads = args.threads or (1 if os.getloadavg()[0] > 1.5 else 2)
+    threads = args.threads or bench.default_threads()
     from prospect.launch import set_allocator_env
 
     set_allocator_env()  # as `prospect train` does, before torch is imported
