@@ -347,8 +347,9 @@ def load_average() -> float:
 
 def default_threads() -> int:
     """2 torch threads (this machine's cores); a busy machine is reported, not silently worked around."""
-    if load_average() > 1.5:
-        print(f"warning: the 1-min load average is {load_average():.2f}: something else is running, so the "
+    load = load_average()
+    if load > 1.5:
+        print(f"warning: the 1-min load average is {load:.2f}: something else is running, so the "
               "timings will be slower than on an idle machine (wait, or pass --threads 1)", file=sys.stderr, flush=True)
     return 2
 
