@@ -19,6 +19,7 @@ alternated (A B C A B C ...) so that a change of load on the machine hits all of
 - runs prospect with the environment `prospect train` sets (prospect.launch.ALLOCATOR_ENV: PyTorch's
   huge-page allocation for large tensors) and TRL with the machine's; `--peers` adds prospect without it
   (`prospect-glibc`) and TRL with it (`trl-*-thp`), so the allocator's share of a memory ratio is visible.
+- `--peers` also takes `prospect-compile`: prospect with `torch_compile: true` (each decoder layer compiled).
 
 KTO: TRL gets the conversational prompt/completion layout and SmolLM2's own chat template (prospect:
 `template: auto`). SFT (glaive tool calls): SmolLM2's Jinja template cannot render tools, so prospect
@@ -64,6 +65,7 @@ PEERS = {
         # opt-in (--peers): prospect with glibc's plain heap (prospect train sets THP_MEM_ALLOC_ENABLE=1,
         # see prospect.launch), and TRL with the allocator setting prospect makes (README, "Memory")
         "prospect-glibc": ("prospect", {"env": {"THP_MEM_ALLOC_ENABLE": "0"}}),
+        "prospect-compile": ("prospect", {"torch_compile": True}),  # opt-in: decoder layers compiled
         "trl-defaults-thp": ("trl", {"env": {"THP_MEM_ALLOC_ENABLE": "1"}}),
         "trl-fastest-thp": ("trl", {"gradient_checkpointing": False, "precompute_ref_log_probs": True,
                                     "env": {"THP_MEM_ALLOC_ENABLE": "1"}}),
@@ -74,6 +76,7 @@ PEERS = {
         "trl-padding-free": ("trl", {"gradient_checkpointing": False, "padding_free": True, "max_length": None}),
         "trl-packing": ("trl", {"gradient_checkpointing": False, "packing": True}),  # bfd packing into 1024-token rows
         "prospect-glibc": ("prospect", {"env": {"THP_MEM_ALLOC_ENABLE": "0"}}),  # opt-in, as for KTO
+        "prospect-compile": ("prospect", {"torch_compile": True}),  # opt-in, as for KTO
         "trl-defaults-thp": ("trl", {"env": {"THP_MEM_ALLOC_ENABLE": "1"}}),
     },
     "epoch": {  # prospect alone: KTO vs SFT over the same KTO examples
@@ -235,6 +238,7 @@ def run_prospect(spec: dict) -> dict:
         lora_alpha=LORA_ALPHA, lora_dropout=0.0, lora_target=["all"], seed=SEED, bf16=False,
         output_dir=spec["output_dir"], overwrite_output_dir=True, logging_steps=1, save_steps=10**6,
         report_to=["none"], overwrite_cache=True, cache_dir=spec["cache_dir"], max_grad_norm=1.0,
+        torch_compile=settings.get("torch_compile", False),
     )
     start = time.perf_counter()
     results = train(build_config(raw))

@@ -46,6 +46,9 @@ class RunConfig:
         "auto", "Attention kernel: auto picks the fastest available; fa2 = flash-attention 2."
     )
     enable_liger_kernel: bool = _f(False, "Use liger-kernel fused layers (GPU only).")
+    torch_compile: bool = _f(
+        False, "Compile each decoder layer with torch.compile (slow first step; less memory for activations)."
+    )
     cache_dir: str | None = _f(
         None, "Cache for converted models and tokenized datasets (default $PROSPECT_CACHE_DIR or ~/.cache/prospect)."
     )

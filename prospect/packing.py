@@ -114,6 +114,7 @@ class PromptCache:
         self.layers: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
+@torch.compiler.disable  # per-sequence bounds and the prompt cache are Python data: eager, not recompiled per batch
 def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Causal attention within each packed sequence (query/key/value: [1, heads, T, head_dim]).
 

@@ -217,7 +217,13 @@ class HiddenStates(torch.nn.Module):
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     def forward(self, **inputs) -> torch.Tensor:
-        return self.causal_lm().get_decoder()(**inputs).last_hidden_state[0]
+        decoder = self.causal_lm().get_decoder()
+        if torch.is_grad_enabled():
+            return decoder(**inputs).last_hidden_state[0]
+        # With `torch_compile`, only the training forward runs compiled: each no-grad pass (KL, reference
+        # with LoRA off, eval) would compile graphs of its own, minutes on CPU for a small share of the time.
+        with torch.compiler.set_stance("force_eager"):
+            return decoder(**inputs).last_hidden_state[0]
 
 
 def sequence_logps(hidden_model, head, batch: PackedBatch, device, prompt_cache: PromptCache | None = None
@@ -467,6 +473,16 @@ def train(config: RunConfig, *, on_checkpoint=None) -> dict:
         frozen_reference = copy.deepcopy(model).eval().requires_grad_(False)
     hidden_model = HiddenStates(model)
     head = hidden_model.causal_lm().get_output_embeddings()
+    if config.torch_compile and config.gradient_checkpointing:
+        # Checkpointing runs its function with dynamo off, and a compiled checkpointed layer falls
+        # back to eager at the graph break of packed attention: the flag would do nothing.
+        say("warning: torch_compile is not applied with gradient_checkpointing (PyTorch runs checkpointed "
+            "layers eagerly here); set one of them.")
+    elif config.torch_compile:
+        # Layer by layer, not the whole model: packed attention stays eager (torch.compiler.disable),
+        # and a layer graph with dynamic lengths serves every step.
+        for layer in hidden_model.causal_lm().get_decoder().layers:
+            layer.compile(dynamic=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                   eps=config.adam_epsilon, weight_decay=config.weight_decay)
