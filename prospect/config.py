@@ -47,7 +47,7 @@ class RunConfig:
     )
     enable_liger_kernel: bool = _f(False, "Use liger-kernel fused layers (GPU only).")
     torch_compile: bool = _f(
-        False, "Compile each decoder layer with torch.compile (slow first step; less memory for activations)."
+        False, "Compile each decoder layer with torch.compile (slow first step; can save activation memory)."
     )
     cache_dir: str | None = _f(
         None, "Cache for converted models and tokenized datasets (default $PROSPECT_CACHE_DIR or ~/.cache/prospect)."
