@@ -217,13 +217,11 @@ class HiddenStates(torch.nn.Module):
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     def forward(self, **inputs) -> torch.Tensor:
-        decoder = self.causal_lm().get_decoder()
-        if torch.is_grad_enabled():
-            return decoder(**inputs).last_hidden_state[0]
         # With `torch_compile`, only the training forward runs compiled: each no-grad pass (KL, reference
         # with LoRA off, eval) would compile graphs of its own, minutes on CPU for a small share of the time.
-        with torch.compiler.set_stance("force_eager"):
-            return decoder(**inputs).last_hidden_state[0]
+        stance = contextlib.nullcontext() if torch.is_grad_enabled() else torch.compiler.set_stance("force_eager")
+        with stance:
+            return self.causal_lm().get_decoder()(**inputs).last_hidden_state[0]
 
 
 def sequence_logps(hidden_model, head, batch: PackedBatch, device, prompt_cache: PromptCache | None = None

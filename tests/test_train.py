@@ -56,6 +56,11 @@ def adapter_weights(folder) -> dict[str, torch.Tensor]:
     return load_file(str(Path(folder) / "adapter_model.safetensors"))
 
 
+def logged(folder, key: str) -> list:
+    """One metric's values, line by line, from a run's metrics.jsonl (train and eval lines)."""
+    return [json.loads(line)[key] for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+
+
 def max_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys(), "both adapters must hold the same tensors"
     return max(float((a[k] - b[k]).abs().max()) for k in a)
@@ -215,8 +220,7 @@ def test_kto_accumulation_is_invariant_and_works_at_micro_batch_one(tmp_path, ti
                     **common)
     run(a), run(b)
     assert max_difference(adapter_weights(a.output_dir), adapter_weights(b.output_dir)) <= 1e-5
-    kl = [json.loads(line)["kl"] for line in (Path(b.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    assert all(value >= 0 for value in kl)
+    assert all(value >= 0 for value in logged(b.output_dir, "kl"))
 
 
 def test_full_fine_tuning_kto_changes_the_base_weights(tmp_path, tiny_model_dir, spy_model):
@@ -302,21 +306,18 @@ def test_torch_compile_gives_the_same_update(tmp_path, tiny_model_dir, capsys, s
     assert warned == gradient_checkpointing
     assert (counters["stats"]["unique_graphs"] > 0) != gradient_checkpointing, "compiled: the decoder layers"
     assert max_difference(adapter_weights(plain.output_dir), adapter_weights(compiled.output_dir)) <= 1e-5
-    losses = [[json.loads(line)["loss"] for line in (Path(c.output_dir) / "metrics.jsonl").read_text().splitlines()]
-              for c in (plain, compiled)]
-    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    assert logged(compiled.output_dir, "loss") == pytest.approx(logged(plain.output_dir, "loss"), abs=1e-5)
 
 
 def test_bf16_run_and_pref_ftx(tmp_path, tiny_model_dir):
     bf16 = make_config(tmp_path / "bf16", tiny_model_dir, bf16=True, max_steps=2)
     results = run(bf16)
     assert results["num_steps"] == 2
-    losses = [json.loads(line)["loss"] for line in (Path(bf16.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    assert all(0 < loss < 1 for loss in losses)
+    assert all(0 < loss < 1 for loss in logged(bf16.output_dir, "loss"))
     # pref_ftx adds an SFT term on desirable completions: the first step's loss grows by it.
     ftx = make_config(tmp_path / "ftx", tiny_model_dir, pref_ftx=1.0, max_steps=1)
     run(ftx)
-    loss = json.loads((Path(ftx.output_dir) / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    loss = logged(ftx.output_dir, "loss")[0]
     assert loss > 0.5 + 1.0  # 0.5 from KTO at step 1, plus a token NLL of a random model (> ln 49152 / 10)
 
 
@@ -324,7 +325,7 @@ def test_learning_rate_schedule_with_warmup(tmp_path, tiny_model_dir):
     config = make_config(tmp_path, tiny_model_dir, stage="sft", max_steps=4, warmup_steps=2,
                          lr_scheduler_type="linear", learning_rate=1e-3)
     run(config)
-    rates = [json.loads(line)["learning_rate"] for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    rates = logged(config.output_dir, "learning_rate")
     # logged after each step's scheduler update: warm-up to the peak at step 2, then linear decay to 0
     assert rates == pytest.approx([5e-4, 1e-3, 5e-4, 0.0])
 
@@ -356,9 +357,8 @@ def test_torchrun_two_processes_equal_one_process_with_accumulation(tmp_path, ti
     assert "× 1 accumulation × 2 processes" in result.stdout
     ddp_out = Path(tmp_path / "ddp" / "out")
     assert max_difference(adapter_weights(single.output_dir), adapter_weights(ddp_out)) <= 1e-5
-    losses = lambda folder: [json.loads(line)["loss"] for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    assert losses(ddp_out) == pytest.approx(losses(single.output_dir), abs=1e-5)
-    assert len(losses(ddp_out)) == (3 if stage == "sft" else 4)  # KTO: 3 steps and an evaluation
+    assert logged(ddp_out, "loss") == pytest.approx(logged(single.output_dir, "loss"), abs=1e-5)
+    assert len(logged(ddp_out, "loss")) == (3 if stage == "sft" else 4)  # KTO: 3 steps and an evaluation
 
 
 @pytest.mark.parametrize("cutoff_len", [256, 40])  # 40: some KL pairs are cut at cutoff_len
