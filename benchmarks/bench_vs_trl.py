@@ -429,6 +429,15 @@ def report(stage: str, runs: dict[str, list[dict]], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def report_saved(saved: dict) -> str:
+    """The table of saved results, over the repeats every peer completed."""
+    repeats = min(len(rs) for rs in saved["runs"].values())
+    if repeats == 0:
+        raise SystemExit("no complete repeat saved: every peer needs at least one run")
+    runs = {name: rs[:repeats] for name, rs in saved["runs"].items()}
+    return report(saved["meta"]["stage"], runs, dict(saved["meta"], repeats=repeats))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -441,10 +450,17 @@ def main() -> None:
     parser.add_argument("--peers", default=None, help="comma list of peers to run (default: all of the stage)")
     parser.add_argument("--scan", type=int, default=300, help="how many records to look at when choosing examples")
     parser.add_argument("--workdir", default=None, help="keep the runs' folders and logs here")
-    parser.add_argument("--json", default=None, help="write all results to this JSON file")
+    parser.add_argument("--json", default=None,
+                        help="write all results to this JSON file (rewritten after every run, so a stopped "
+                             "benchmark keeps what it measured)")
+    parser.add_argument("--report", default=None, metavar="JSON",
+                        help="print the table of a --json file (of a stopped benchmark: its complete repeats)")
     args = parser.parse_args()
     if args.child:
         child(args.child)
+        return
+    if args.report:
+        print(report_saved(json.loads(Path(args.report).read_text())))
         return
 
     if args.quick:  # checks the script end to end; the numbers mean nothing
@@ -491,15 +507,20 @@ def main() -> None:
             print(f"  {tag}: wall {result['wall_seconds']:.1f} s, {result['num_steps']} steps, "
                   f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB, load {loads[-1]:.2f}, "
                   f"first losses {[round(x, 4) for x in result['losses'][:3]]}", flush=True)
+            if args.json:
+                meta = dict(stage=args.stage, examples=args.examples, cutoff=cutoff, threads=threads,
+                            model_name="tiny random Llama" if args.quick else "SmolLM2-135M-Instruct fp32",
+                            load_before=load_before, load_after=load_average(), loads=loads)
+                Path(args.json).write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
     for name, rs in runs.items():  # the same work: examples and optimizer steps
         if name not in ("trl-packing",) and rs[0]["num_steps"] != steps:
             raise SystemExit(f"{name} ran {rs[0]['num_steps']} optimizer steps, expected {steps}")
         if rs[0]["num_examples"] != args.examples:
             raise SystemExit(f"{name} trained on {rs[0]['num_examples']} examples, expected {args.examples}")
-    meta = dict(examples=args.examples, cutoff=cutoff, model_name="tiny random Llama" if args.quick else
-                "SmolLM2-135M-Instruct fp32", threads=threads, repeats=args.repeats, load_before=load_before,
-                load_after=load_average(), loads=loads)
-    text = report(args.stage, runs, meta)
+    meta = dict(stage=args.stage, examples=args.examples, cutoff=cutoff,
+                model_name="tiny random Llama" if args.quick else "SmolLM2-135M-Instruct fp32", threads=threads,
+                load_before=load_before, load_after=load_average(), loads=loads)
+    text = report_saved({"meta": meta, "runs": runs})
     print()
     print(f"{time.strftime('%Y-%m-%d %H:%M')}  python benchmarks/bench_vs_trl.py " + " ".join(sys.argv[1:]))
     print(text)
