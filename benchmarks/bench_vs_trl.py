@@ -496,6 +496,9 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name in peers}
     loads = []
     load_before = load_average()
+    meta = dict(stage=args.stage, examples=args.examples, cutoff=cutoff, threads=threads,
+                model_name="tiny random Llama" if args.quick else "SmolLM2-135M-Instruct fp32",
+                load_before=load_before, loads=loads)  # loads grows in place; load_after set when saved
     for repeat in range(args.repeats):
         for name, (tool, settings) in peers.items():
             tag = f"{name}-{repeat}"
@@ -508,18 +511,14 @@ def main() -> None:
                   f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB, load {loads[-1]:.2f}, "
                   f"first losses {[round(x, 4) for x in result['losses'][:3]]}", flush=True)
             if args.json:
-                meta = dict(stage=args.stage, examples=args.examples, cutoff=cutoff, threads=threads,
-                            model_name="tiny random Llama" if args.quick else "SmolLM2-135M-Instruct fp32",
-                            load_before=load_before, load_after=load_average(), loads=loads)
+                meta.update(load_after=load_average())
                 Path(args.json).write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
     for name, rs in runs.items():  # the same work: examples and optimizer steps
         if name not in ("trl-packing",) and rs[0]["num_steps"] != steps:
             raise SystemExit(f"{name} ran {rs[0]['num_steps']} optimizer steps, expected {steps}")
         if rs[0]["num_examples"] != args.examples:
             raise SystemExit(f"{name} trained on {rs[0]['num_examples']} examples, expected {args.examples}")
-    meta = dict(stage=args.stage, examples=args.examples, cutoff=cutoff,
-                model_name="tiny random Llama" if args.quick else "SmolLM2-135M-Instruct fp32", threads=threads,
-                load_before=load_before, load_after=load_average(), loads=loads)
+    meta.update(load_after=load_average())
     text = report_saved({"meta": meta, "runs": runs})
     print()
     print(f"{time.strftime('%Y-%m-%d %H:%M')}  python benchmarks/bench_vs_trl.py " + " ".join(sys.argv[1:]))

@@ -33,11 +33,16 @@ def test_bench_vs_trl_quick_kto(tmp_path):
     assert runs["prospect"][0]["losses"][0] == pytest.approx(runs["trl-fastest"][0]["losses"][0], abs=1e-4)
 
     # --report rebuilds the same table from the file, and from a stopped benchmark's file it reports the
-    # repeats every peer completed (here: none, which must say so instead of printing an empty table)
+    # repeats every peer completed (one; then none, which must say so instead of printing an empty table)
     saved = json.loads((tmp_path / "results.json").read_text())
     again = subprocess.run([sys.executable, str(SCRIPT), "--report", str(tmp_path / "results.json")],
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and again.stdout.strip() == saved["table"].strip(), again.stderr
+    saved["runs"]["prospect"] *= 2  # a second repeat that the peer did not finish: reported over 1 repeat
+    (tmp_path / "stopped.json").write_text(json.dumps(saved))
+    stopped = subprocess.run([sys.executable, str(SCRIPT), "--report", str(tmp_path / "stopped.json")],
+                             capture_output=True, text=True, timeout=60)
+    assert stopped.returncode == 0 and stopped.stdout.strip() == saved["table"].strip(), stopped.stderr
     saved["runs"]["trl-fastest"] = []
     (tmp_path / "stopped.json").write_text(json.dumps(saved))
     stopped = subprocess.run([sys.executable, str(SCRIPT), "--report", str(tmp_path / "stopped.json")],
