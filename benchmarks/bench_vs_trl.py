@@ -246,7 +246,7 @@ def run_prospect(spec: dict) -> dict:
               if json.loads(line).get("split") == "train"]
     return {
         "num_examples": results["num_examples"], "num_steps": results["num_steps"],
-        "trained_tokens": results["num_trained_tokens"], "tokens": results["num_tokens"],
+        "trained_tokens": int(results["num_trained_tokens"]), "tokens": int(results["num_tokens"]),
         "losses": losses, "step_end_seconds": [t - start for t in step_times],
         "steps_per_epoch": math.ceil(results["num_examples"] / BATCH),
     }
@@ -438,6 +438,23 @@ def report_saved(saved: dict) -> str:
     return report(saved["meta"]["stage"], runs, dict(saved["meta"], repeats=repeats))
 
 
+def merge_saved(saved_files: list[dict]) -> dict:
+    """Several --json files of one stage and peer set as one: the complete repeats of each, in order (a
+    benchmark split over several invocations). Each file's unfinished repeat is left out, not re-paired."""
+    first = saved_files[0]
+    merged = {"meta": dict(first["meta"], loads=[]), "runs": {name: [] for name in first["runs"]}}
+    for saved in saved_files:
+        if saved["meta"]["stage"] != first["meta"]["stage"] or list(saved["runs"]) != list(first["runs"]):
+            raise SystemExit("--report: the files must hold the same stage and peers "
+                             f"({first['meta']['stage']} {list(first['runs'])} vs {saved['meta']['stage']} {list(saved['runs'])})")
+        repeats = min(len(rs) for rs in saved["runs"].values())
+        for name, rs in saved["runs"].items():
+            merged["runs"][name] += rs[:repeats]
+        merged["meta"]["loads"] += saved["meta"]["loads"]
+        merged["meta"]["load_after"] = saved["meta"]["load_after"]
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -453,14 +470,15 @@ def main() -> None:
     parser.add_argument("--json", default=None,
                         help="write all results to this JSON file (rewritten after every run, so a stopped "
                              "benchmark keeps what it measured)")
-    parser.add_argument("--report", default=None, metavar="JSON",
-                        help="print the table of a --json file (of a stopped benchmark: its complete repeats)")
+    parser.add_argument("--report", default=None, nargs="+", metavar="JSON",
+                        help="print the table of --json files (their complete repeats; several files of the "
+                             "same stage and peers are reported as one benchmark)")
     args = parser.parse_args()
     if args.child:
         child(args.child)
         return
     if args.report:
-        print(report_saved(json.loads(Path(args.report).read_text())))
+        print(report_saved(merge_saved([json.loads(Path(path).read_text()) for path in args.report])))
         return
 
     if args.quick:  # checks the script end to end; the numbers mean nothing
