@@ -183,8 +183,7 @@ def run_trl(spec: dict, clock: StepClock) -> dict:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import KTOConfig, KTOTrainer
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_vs_trl import trl_kto_row
+    from bench_vs_trl import trl_kto_row  # the script's own folder is sys.path[0]
 
     gpu = spec["device"] == "cuda"
     records = json.loads(Path(spec["data_dir"], f"{DATASET}.json").read_text())
@@ -267,13 +266,12 @@ def installed_version(name: str) -> str:
         return "absent"
 
 
-def select_examples(assets: Path, examples: int, cutoff: int) -> tuple[list[int], list[int]]:
+def select_examples(model_dir: Path, records: list[dict], examples: int, cutoff: int) -> tuple[list[int], list[int]]:
     """Indices of the first `examples` records whose whole conversation fits `cutoff` (neither tool then
     cuts anything), and their token lengths."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(assets / "model"))
-    records = json.loads((assets / "data" / f"{DATASET}.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     chosen, lengths = [], []
     for index, record in enumerate(records):
         messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
@@ -337,15 +335,14 @@ def run_all(args) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     out = Path(args.out) if args.out else workdir
     out.mkdir(parents=True, exist_ok=True)
-    indices, lengths = select_examples(assets, args.examples, args.cutoff)
+    records = json.loads((assets / "data" / f"{DATASET}.json").read_text())
+    indices, lengths = select_examples(assets / "model", records, args.examples, args.cutoff)
     if len(indices) < args.batch * args.steps:
         raise SystemExit(f"--examples {args.examples} < --batch × --steps: every step must train new examples")
     data_dir = workdir / "data"  # the chosen records, in dataset order
     data_dir.mkdir(exist_ok=True)
-    records = json.loads((assets / "data" / f"{DATASET}.json").read_text())
     (data_dir / f"{DATASET}.json").write_text(json.dumps([records[i] for i in indices], ensure_ascii=False))
     shutil.copy(assets / "data" / "dataset_info.json", data_dir / "dataset_info.json")
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_vs_trl import epoch0_order
 
     order = epoch0_order(len(indices))  # prospect's first epoch; TRL gets its rows in this order
