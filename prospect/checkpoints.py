@@ -20,6 +20,9 @@ from pathlib import Path
 from prospect.errors import UserError
 
 STATE_FILE = "trainer_state.json"
+# KTO's reference log-probs, saved while they are computed (prospect/train.py): a run restarted with
+# resume_from_checkpoint: true before its first checkpoint continues that pass instead of starting over.
+REFERENCE_FILE = "reference_logps.safetensors"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 # What a run writes into output_dir; `overwrite_output_dir` removes these and nothing else, so files
@@ -29,7 +32,7 @@ RUN_OUTPUTS = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "chat_template.jinja", "run_config.yaml", "metrics.jsonl",
     "train_results.json", "eval_results.json", "training_loss.png", "training_rewards.png", "training_kl.png",
-    "reference_logps.safetensors", "README.md",
+    REFERENCE_FILE, "README.md",
 )
 RUN_OUTPUT_FOLDERS = ("runs", "mlruns")
 
@@ -80,6 +83,10 @@ def resolve_resume(resume: str | None, output_dir: str) -> Path | None:
         return None
     if resume == "true":
         found = complete_checkpoints(output_dir)
+        if not found and (Path(output_dir) / REFERENCE_FILE).is_file():
+            print(f"resume_from_checkpoint: no checkpoint in {output_dir} yet: starting at step 0 with the KTO "
+                  "reference log-probs computed so far")
+            return None
         if not found:
             raise UserError(
                 f"resume_from_checkpoint: true, but {output_dir} holds no complete checkpoint-<step> folder; "
@@ -108,10 +115,13 @@ def is_complete(folder: Path) -> bool:
 
 
 def rng_states() -> dict:
+    """Every generator's state, in types `torch.load(weights_only=True)` reads back (no pickled objects)."""
     import numpy as np
     import torch
 
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    states = {"python": random.getstate(), "torch": torch.get_rng_state(),
+              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian]}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state()
     return states
@@ -121,11 +131,32 @@ def set_rng_states(states: dict) -> None:
     import numpy as np
     import torch
 
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
+
+
+def load_state(path: Path):
+    """A checkpoint's optimizer, scheduler or RNG file, read as tensors and plain values only: a
+    pickled object (which could run code when read, e.g. a file planted in shared storage) is refused."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        # torch names the offending object ("Trying to load unsupported GLOBAL posix.system ...")
+        found = re.search(r"unsupported (?:GLOBAL|operand) (\S+)", str(err), re.IGNORECASE)
+        what = f" (it asks for {found.group(1)})" if found else ""
+        raise UserError(
+            f"{path}: holds more than tensors and plain values{what}, so it is not read: loading it could run "
+            "code. Resume from a checkpoint written by prospect, or start a new run."
+        ) from None
 
 
 def temporary_folder(output_dir: str, step: int) -> Path:
@@ -173,8 +204,6 @@ def remove_stale_temporaries(output_dir: str) -> None:
 
 def load_checkpoint(folder: Path, *, model, optimizer, scheduler, rank: int, lora: bool) -> dict:
     """Restore weights, optimizer, scheduler and this rank's RNG states; return the trainer state."""
-    import torch
-
     if lora:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -182,11 +211,11 @@ def load_checkpoint(folder: Path, *, model, optimizer, scheduler, rank: int, lor
         set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
     else:
         _load_full_weights(model, folder)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+    optimizer.load_state_dict(load_state(folder / "optimizer.pt"))
+    scheduler.load_state_dict(load_state(folder / "scheduler.pt"))
     rng_file = folder / f"rng_state_{rank}.pt"
     if rng_file.is_file():
-        set_rng_states(torch.load(rng_file, weights_only=False))
+        set_rng_states(load_state(rng_file))
     return json.loads((folder / STATE_FILE).read_text())
 
 

@@ -38,14 +38,21 @@ class RunConfig:
         f"`{EMBEDDED_MODEL}` (the embedded default model).",
     )
     adapter_name_or_path: str | None = _f(
-        None, "LoRA adapter folder(s) to start from; a comma list is applied in order."
+        None, "LoRA adapter folder(s), a comma list: train merges all but the last into the base and continues the "
+        "last; chat, serve and eval apply them all.",
     )
     trust_remote_code: bool = _f(False, "Allow model/tokenizer code shipped with the model folder.")
-    quantization_bit: int | None = _f(None, "Load the base model in 4 or 8 bits (QLoRA; needs a GPU).", choices=(4, 8))
-    flash_attn: Literal["auto", "disabled", "sdpa", "fa2"] = _f(
-        "auto", "Attention kernel: auto picks the fastest available; fa2 = flash-attention 2."
+    quantization_bit: int | None = _f(
+        None, "QLoRA (4 or 8-bit base model): not built yet, so prospect train stops with exit 2; remove the key.",
+        choices=(4, 8),
     )
-    enable_liger_kernel: bool = _f(False, "Use liger-kernel fused layers (GPU only).")
+    flash_attn: Literal["auto", "disabled", "sdpa", "fa2"] = _f(
+        "auto", "Attention of packed batches: auto/fa2 = flash-attention 2 where installed on CUDA (fa2 warns "
+        "otherwise), else sdpa = PyTorch SDPA per sequence; disabled = the model's eager attention.",
+    )
+    enable_liger_kernel: bool = _f(
+        False, "liger-kernel fused layers: not applied yet (a warning says so); log-probs already avoid full logits."
+    )
     torch_compile: bool = _f(
         False, "Compile each decoder layer with torch.compile (slow first step; can save activation memory)."
     )
@@ -55,22 +62,31 @@ class RunConfig:
 
     # --- method ----------------------------------------------------------------------------
     stage: Literal["sft", "kto"] = _f("sft", "Training objective: supervised fine-tuning or KTO.")
-    do_train: bool = _f(True, "Train (kept for LLaMA-Factory compatibility).")
-    do_eval: bool = _f(False, "Evaluate on the validation split (implied by val_size > 0).")
+    do_train: bool = _f(True, "LLaMA-Factory's switch: prospect train trains; false is refused (use prospect eval).")
+    do_eval: bool | None = _f(
+        None, "Evaluate during training: default when val_size or eval_dataset is set; false only holds the split out."
+    )
     finetuning_type: Literal["lora", "full"] = _f("lora", "Train LoRA adapters or all weights.")
-    lora_rank: int = _f(8, "LoRA rank r.", min=1)
+    lora_rank: int = _f(8, "LoRA rank r of a new adapter (a continued one must have it too).", min=1)
     lora_alpha: int | None = _f(None, "LoRA scaling alpha (default 2 × lora_rank).", min=1)
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.", min=0.0, max=1.0)
     lora_target: list[str] = _f(
         ["all"], "Modules that get adapters: `all` (every linear layer but the output head) or a comma list."
     )
-    pref_beta: float = _f(0.1, "KTO beta: temperature of the implied reward.", min=0.0, exclusive_min=True)
-    pref_ftx: float = _f(0.0, "Weight of an SFT loss added to the KTO loss on desirable examples.", min=0.0)
-    kto_chosen_weight: float = _f(1.0, "KTO lambda_D: weight of desirable examples.", min=0.0, exclusive_min=True)
-    kto_rejected_weight: float = _f(
-        1.0, "KTO lambda_U: weight of undesirable examples.", min=0.0, exclusive_min=True
+    pref_beta: float = _f(0.1, "KTO β: the implied reward is β·log(π/π_ref) (stage kto only).", min=0.0,
+                          exclusive_min=True)
+    pref_ftx: float = _f(
+        0.0, "KTO: weight of a mean-token NLL term added on desirable examples (stage kto only).", min=0.0
     )
-    deepspeed: str | None = _f(None, "Path to a DeepSpeed JSON config (ZeRO-2/3; GPU only).")
+    kto_chosen_weight: float = _f(1.0, "KTO λ_D: weight of desirable examples (stage kto only).", min=0.0,
+                                  exclusive_min=True)
+    kto_rejected_weight: float = _f(
+        1.0, "KTO λ_U: weight of undesirable examples (stage kto only).", min=0.0, exclusive_min=True
+    )
+    deepspeed: str | None = _f(
+        None, "DeepSpeed JSON config: sharded training is not built yet, so prospect train stops with exit 2; "
+        "remove the key to train with DDP.",
+    )
 
     # --- dataset ---------------------------------------------------------------------------
     dataset: list[str] = _f([], "Datasets to train on: names in dataset_info.json or file paths (comma list).")
@@ -80,11 +96,17 @@ class RunConfig:
         None, "Chat template: llama3, qwen, chatml, or auto/unset = the tokenizer's own."
     )
     default_system: str | None = _f(None, "System prompt used when a conversation has none.")
-    cutoff_len: int = _f(2048, "Maximum tokens per example; longer ones are cut at the end.", min=1)
-    max_samples: int | None = _f(None, "Use at most this many examples of each dataset.", min=1)
+    cutoff_len: int = _f(
+        2048, "Maximum tokens per example (SFT keeps the first ones; KTO: see truncation_mode).", min=1
+    )
+    truncation_mode: Literal["keep_end", "keep_start"] | None = _f(
+        None, "KTO, an example over cutoff_len: keep_end (default) drops the oldest prompt turns and cuts the "
+        "completion's end, dropping no example; keep_start keeps the first cutoff_len tokens.",
+    )
+    max_samples: int | None = _f(None, "Use at most the first N records of each dataset.", min=1)
     val_size: float = _f(0.0, "Held-out split: a fraction in (0, 1) or a number of examples.", min=0.0)
-    train_on_prompt: bool = _f(False, "Also train on prompt (user/system/observation) tokens.")
-    mask_history: bool = _f(False, "Train only on the last assistant turn of each conversation.")
+    train_on_prompt: bool = _f(False, "SFT: also train on prompt (user/system/observation) tokens.")
+    mask_history: bool = _f(False, "SFT: train only on the last assistant turn of each conversation.")
     overwrite_cache: bool = _f(False, "Rebuild the tokenized-dataset cache.")
     preprocessing_num_workers: int | None = _f(None, "Processes used to tokenize datasets.", min=1)
     on_bad_record: Literal["error", "skip"] = _f(
@@ -93,19 +115,22 @@ class RunConfig:
 
     # --- output ----------------------------------------------------------------------------
     output_dir: str = _f("saves/run", "Where adapters, checkpoints, metrics and plots are written.")
-    overwrite_output_dir: bool = _f(False, "Allow writing into a non-empty output_dir.")
+    overwrite_output_dir: bool = _f(
+        False, "Reuse a non-empty output_dir: the previous run's outputs are removed, other files are kept."
+    )
     logging_steps: int = _f(10, "Log metrics every N optimizer steps.", min=1)
     save_steps: int = _f(500, "Save a checkpoint every N optimizer steps.", min=1)
     save_total_limit: int | None = _f(None, "Keep only the newest N checkpoints.", min=1)
     plot_loss: bool = _f(False, "Write training_loss.png (and KTO reward/KL plots) at the end.")
     report_to: list[str] = _f(["none"], "Trackers: none, mlflow, tensorboard, wandb (comma list).")
     resume_from_checkpoint: str | None = _f(
-        None, "Checkpoint folder to resume from, or `true` for the latest one in output_dir."
+        None, "Checkpoint folder to resume from, or `true` for the latest in output_dir (before the first one: "
+        "continues KTO's reference pass).",
     )
 
     # --- training --------------------------------------------------------------------------
     per_device_train_batch_size: int = _f(8, "Micro-batch size per device.", min=1)
-    per_device_eval_batch_size: int = _f(8, "Evaluation batch size per device.", min=1)
+    per_device_eval_batch_size: int = _f(8, "Batch size per device of evaluation and of KTO's reference pass.", min=1)
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", min=1)
     num_train_epochs: float = _f(3.0, "Passes over the training data.", min=0.0, exclusive_min=True)
     max_steps: int = _f(-1, "Stop after this many optimizer steps (overrides num_train_epochs when > 0).")
@@ -121,15 +146,17 @@ class RunConfig:
     warmup_steps: int = _f(0, "Warm-up steps (overrides warmup_ratio when > 0).", min=0)
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this value (0 = no clipping).", min=0.0)
     bf16: bool = _f(False, "Train in bfloat16 mixed precision.")
-    fp16: bool = _f(False, "Train in float16 mixed precision.")
+    fp16: bool = _f(False, "Train in float16 mixed precision (CUDA only).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     seed: int = _f(42, "Seed for initialisation, data order and splits.")
-    eval_strategy: Literal["no", "steps", "epoch"] = _f("no", "When to evaluate (steps uses eval_steps).")
+    eval_strategy: Literal["no", "steps", "epoch"] = _f(
+        "no", "When to evaluate during training: steps (every eval_steps; the default with held-out data), epoch, no."
+    )
     eval_steps: int | None = _f(None, "Evaluate every N optimizer steps (default: logging_steps).", min=1)
     eval_pattern: str | None = _f(
         None, "Regex that `prospect eval` counts in greedy replies to the eval prompts, base model vs trained."
     )
-    ddp_timeout: int = _f(1800, "Seconds before a stuck collective operation fails.", min=1)
+    ddp_timeout: int = _f(1800, "Seconds a collective operation waits before failing (torchrun and Ray).", min=1)
 
     # --- ray -------------------------------------------------------------------------------
     ray_run_name: str | None = _f(None, "Name of the run folder under ray_storage_path.")
@@ -188,6 +215,21 @@ class RunConfig:
             raise UserError(
                 f"val_size: {self.val_size} is not allowed: use a fraction in (0, 1) or a whole number of examples."
             )
+        # Keys of one objective, set for the other: refused rather than silently ignored.
+        other_stage_keys = {"sft": ("pref_beta", "pref_ftx", "kto_chosen_weight", "kto_rejected_weight"),
+                            "kto": ("train_on_prompt", "mask_history")}[self.stage]
+        set_here = [key for key in other_stage_keys if getattr(self, key) != FIELDS[key].default]
+        if set_here:
+            other = "kto" if self.stage == "sft" else "sft"
+            raise UserError(f"{', '.join(set_here)} only apply to stage: {other}, but stage is {self.stage}: "
+                            f"remove {'it' if len(set_here) == 1 else 'them'} (or set stage: {other}).")
+        if self.stage == "kto" and self.truncation_mode is None:
+            self.truncation_mode = "keep_end"
+        if self.stage == "sft" and self.truncation_mode == "keep_end":
+            raise UserError(
+                "truncation_mode: keep_end applies to stage: kto; SFT always keeps the first cutoff_len tokens "
+                "(the turns it trains on need the conversation before them). Remove the key."
+            )
         if self.template is not None and self.template.lower() == "auto":
             self.template = None
         # training
@@ -197,7 +239,13 @@ class RunConfig:
             raise UserError(f"warmup_ratio: {self.warmup_ratio} is not allowed: use a fraction in [0, 1).")
         if self.max_steps == 0 or self.max_steps < -1:
             raise UserError(f"max_steps: {self.max_steps} is not allowed: use a positive number, or -1 for epochs.")
-        if self.eval_strategy == "no" and (self.val_size > 0 or self.eval_dataset or self.eval_steps):
+        has_eval_data = self.val_size > 0 or bool(self.eval_dataset)
+        if self.do_eval and not has_eval_data:
+            raise UserError("do_eval: true needs held-out data: set val_size (e.g. 0.1) or eval_dataset.")
+        if self.do_eval is False:
+            if self.eval_strategy != "no" or self.eval_steps:
+                raise UserError("do_eval: false, but eval_strategy / eval_steps ask for evaluations: remove one of them.")
+        elif self.eval_strategy == "no" and (has_eval_data or self.eval_steps):
             self.eval_strategy = "steps"
         # output
         if self.report_to == [] or "none" in self.report_to:
@@ -210,6 +258,16 @@ class RunConfig:
                     f"report_to: {tracker!r} is not allowed: use none, mlflow, tensorboard or wandb (comma list)."
                 )
         return self
+
+    def refuse_unbuilt(self) -> None:
+        """Keys of features not built yet (sharded training, QLoRA): refused on every machine, by
+        `prospect train` before anything starts, rather than accepted and ignored."""
+        if self.deepspeed:
+            raise UserError(f"deepspeed: {self.deepspeed}: sharded training is not built yet. Remove the key: LoRA "
+                            "trains with one GPU per worker under DDP (Ray or torchrun).")
+        if self.quantization_bit is not None:
+            raise UserError(f"quantization_bit: {self.quantization_bit}: QLoRA is not built yet. Remove the key "
+                            "(LoRA on a base model in bf16: bf16: true).")
 
     @property
     def uses_ray(self) -> bool:

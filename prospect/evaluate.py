@@ -1,7 +1,11 @@
 """`prospect eval CONFIG`: held-out metrics of a trained run, next to the base model's.
 
 - The held-out split is the one training used (`eval_dataset`, or `val_size` of `dataset`), encoded
-  the same way; the adapter is `adapter_name_or_path` or, when that is unset, the run's output_dir.
+  the same way. The adapter is the run's output_dir when this config trained it (its run_config.yaml
+  has the same `adapter_name_or_path`), else `adapter_name_or_path`, else output_dir. An adapter whose
+  run started from a chain of adapters is evaluated on the base that run trained on: the chain's
+  earlier adapters merged in (`inference.trained_on`), so the base row and the KTO reference are
+  training's own.
 - Loss metrics are training's own (`train.evaluate_split`): SFT, the mean token NLL of the replies,
   base model vs trained; KTO, the loss, the rewards and `rewards/accuracy`, the share of examples
   whose implied reward has their label's sign (the base model is the reference, so its rewards are
@@ -32,11 +36,11 @@ def evaluate(config: RunConfig) -> dict:
     from accelerate import Accelerator
 
     from prospect.data.pipeline import prepare_data
-    from prospect.inference import generate_batch, load_inference_model, stop_token_ids
-    from prospect.packing import PACKED_ATTENTION, register_packed_attention
+    from prospect.inference import generate_batch, load_inference_model, stop_token_ids, trained_on
+    from prospect.packing import packed_attention_implementation
     from prospect.train import Examples, HiddenStates, compute_reference_logps, evaluate_split
 
-    adapter = config.adapter_name_or_path or config.output_dir
+    adapter = _adapter_to_evaluate(config)
     if not os.path.isfile(os.path.join(adapter.split(",")[-1].split("=")[-1], "adapter_config.json")):
         raise UserError(
             f"prospect eval needs a trained adapter: {adapter} has no adapter_config.json. Train first, or set "
@@ -47,7 +51,11 @@ def evaluate(config: RunConfig) -> dict:
             pattern = re.compile(config.eval_pattern)
         except re.error as err:
             raise UserError(f"eval_pattern: {config.eval_pattern!r} is not a valid regex ({err}).") from None
-    model, tokenizer, template = load_inference_model(dataclasses.replace(config, adapter_name_or_path=adapter))
+    base_adapters = trained_on(adapter) if "," not in adapter else []
+    if base_adapters:
+        print(f"{adapter} was trained from {', '.join(base_adapters)} merged into the base: evaluated on that base")
+    model, tokenizer, template = load_inference_model(dataclasses.replace(config, adapter_name_or_path=adapter),
+                                                      merged_first=base_adapters)
     data = prepare_data(config, tokenizer)
     if data.eval is None or len(data.eval) == 0:
         raise UserError("prospect eval needs held-out data: set eval_dataset (or val_size) in the config.")
@@ -56,16 +64,14 @@ def evaluate(config: RunConfig) -> dict:
     accelerator = Accelerator()
 
     # --- loss metrics, on packed batches like training ---------------------------------------------
-    register_packed_attention()
-    model.set_attn_implementation(PACKED_ATTENTION)
+    model.set_attn_implementation(packed_attention_implementation(config.flash_attn, model.device)[0])
     hidden = HiddenStates(model)
     head = hidden.causal_lm().get_output_embeddings()
     results: dict = {"adapter": adapter, "num_examples": len(examples)}
     if config.stage == "kto":
         with model.disable_adapter():
             examples.reference_logps, examples.reference_kl_logps, _ = compute_reference_logps(
-                examples, hidden, head, accelerator=accelerator, batch_size=config.per_device_eval_batch_size,
-                desc="reference log-probs (eval)")
+                examples, hidden, head, accelerator=accelerator, batch_size=config.per_device_eval_batch_size)
         results["trained"] = evaluate_split(config, examples, hidden, head, accelerator)
     else:
         with model.disable_adapter():
@@ -105,6 +111,20 @@ def evaluate(config: RunConfig) -> dict:
     out.write_text(json.dumps(results, indent=1, ensure_ascii=False))
     print(f"written to {out}")
     return results
+
+
+def _adapter_to_evaluate(config: RunConfig) -> str:
+    """The run's output_dir when this config trained it (a training config that continued from
+    adapter_name_or_path names the starting adapters there, not the result), else
+    adapter_name_or_path, else output_dir."""
+    from prospect.inference import read_run_config
+
+    trained_here = os.path.isfile(os.path.join(config.output_dir, "adapter_config.json"))
+    if not config.adapter_name_or_path:
+        return config.output_dir
+    if trained_here and read_run_config(config.output_dir).get("adapter_name_or_path") == config.adapter_name_or_path:
+        return config.output_dir
+    return config.adapter_name_or_path
 
 
 def _print(config: RunConfig, results: dict) -> None:

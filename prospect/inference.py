@@ -92,6 +92,14 @@ def read_run_config(folder: str | os.PathLike | None) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def trained_on(adapter_path: str) -> list[str]:
+    """The adapters a run merged into its base before training `adapter_path` further: all but the last
+    of its run's `adapter_name_or_path` (prospect train merges those and continues the last one). Its
+    KTO reference was that base, so evaluating it against the plain base model would be wrong."""
+    chain = [part.strip() for part in str(read_run_config(adapter_path).get("adapter_name_or_path") or "").split(",")]
+    return [path for path in chain if path][:-1]
+
+
 def resolve_template(config, tokenizer, adapter_path: str | None = None):
     """The chat template to talk to a model with: the config's `template` when it sets one, else
     the one the adapter was trained with (its run_config.yaml), else the tokenizer's own."""
@@ -178,13 +186,14 @@ def attach_adapters(model, adapters: Sequence[AdapterSpec]):
     return model
 
 
-def load_inference_model(config, *, merge: bool = False):
+def load_inference_model(config, *, merge: bool = False, merged_first: Sequence[str] = ()):
     """(model, tokenizer, template) for chat, serve and eval.
 
     The model is the base model with every adapter of `adapter_name_or_path` applied (a PeftModel;
     with `merge=True` the adapters are merged into the weights instead, which makes generation a
-    little faster but leaves no way to switch them off). The template is the one the (last) adapter
-    was trained with, see `resolve_template`.
+    little faster but leaves no way to switch them off). `merged_first` are adapter folders merged
+    into the base weights before that (the base a chained run trained on, see `trained_on`). The
+    template is the one the (last) adapter was trained with, see `resolve_template`.
     """
     from prospect.model import load_model
 
@@ -195,6 +204,11 @@ def load_inference_model(config, *, merge: bool = False):
     model = load_model(
         config.model_name_or_path, dtype=dtype, trust_remote_code=config.trust_remote_code, cache_dir=config.cache_dir
     )
+    if merged_first:
+        from peft import PeftModel
+
+        for path in merged_first:
+            model = PeftModel.from_pretrained(model, path).merge_and_unload()
     if adapters:
         model = attach_adapters(model, adapters)
         if merge:

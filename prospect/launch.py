@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from prospect.config import RunConfig
+from prospect.errors import UserError
 
 # Read by PyTorch at its first allocation, so set before torch is imported (the CLI does; Ray workers get it
 # in their environment): tensors of 2 MiB and more then come from 2 MiB-aligned, huge-page-backed blocks.
@@ -23,6 +24,12 @@ def set_allocator_env() -> None:
 
 
 def launch(config: RunConfig) -> dict:
+    if not config.do_train:
+        raise UserError(
+            "do_train: false: `prospect train` only trains. For held-out metrics of a trained run use "
+            "`prospect eval CONFIG`; to check the data, `prospect data check CONFIG`. Remove the key to train."
+        )
+    config.refuse_unbuilt()
     if config.uses_ray:
         from prospect.ray_launch import launch_on_ray
 

@@ -222,6 +222,21 @@ def load_trainable_model(config, *, device, attn_implementation: str):
     return model.to(device)
 
 
+def _check_continued_adapter(path: str, config) -> None:
+    """A continued adapter keeps its own rank, alpha and dropout: lora_* keys that say otherwise would be
+    ignored, so they are refused."""
+    import json
+
+    saved = json.loads(open(os.path.join(path, "adapter_config.json"), encoding="utf-8").read())
+    wanted = {"lora_rank": (config.lora_rank, saved.get("r")), "lora_alpha": (config.lora_alpha, saved.get("lora_alpha")),
+              "lora_dropout": (config.lora_dropout, saved.get("lora_dropout"))}
+    conflicts = [f"{key} {mine} (the adapter has {theirs})" for key, (mine, theirs) in wanted.items()
+                 if theirs is not None and mine != theirs]
+    if conflicts:
+        raise UserError(f"adapter_name_or_path: {path} is continued with its own settings, but the config asks for "
+                        f"{', '.join(conflicts)}: set them to the adapter's values, or train a new adapter.")
+
+
 def _attach_lora(model, config):
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -232,6 +247,7 @@ def _attach_lora(model, config):
     for path in adapters[:-1]:
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
     if adapters:
+        _check_continued_adapter(adapters[-1], config)
         return PeftModel.from_pretrained(model, adapters[-1], is_trainable=True)
     targets = "all-linear" if config.lora_target == ["all"] else config.lora_target
     lora_config = LoraConfig(

@@ -5,18 +5,22 @@ A micro-batch of B sequences becomes one row of T = Σ len_i tokens, with positi
 No padding token is ever computed, whatever the spread of lengths, so the cost of a step is the cost
 of its real tokens (a padded batch of lengths 50 and 500 computes 1000 tokens; packed, 550).
 
-Attention must keep the sequences apart. Two backends do:
+Attention must keep the sequences apart. Three backends do:
 - `flash_attention_2` (GPU, when the `flash-attn` package is installed) reads `cu_seq_lens_q/k` and
   runs its variable-length kernel;
 - `prospect_packed` (everywhere else), registered below: PyTorch's scaled-dot-product attention run
   causally on each sequence's slice. Its cost is Σ len_i², as with padding-free kernels, where a
   block-diagonal mask over the whole row would cost T².
-Both read the same keyword arguments, which transformers passes from `model(...)` down to the
+- `prospect_packed_eager` (`flash_attn: disabled`): the same slices through the model's own eager
+  attention code (explicit softmax(QKᵀ)V, as transformers' `eager`), for models or debugging sessions
+  that need exactly that.
+All read the same keyword arguments, which transformers passes from `model(...)` down to the
 attention function of every layer.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +29,8 @@ import torch.nn.functional as F
 from prospect.data.encode import IGNORE_INDEX
 
 PACKED_ATTENTION = "prospect_packed"
+PACKED_EAGER_ATTENTION = "prospect_packed_eager"
+PACKED_ATTENTIONS = (PACKED_ATTENTION, PACKED_EAGER_ATTENTION)  # the backends that read a PromptCache
 
 
 @dataclass
@@ -104,7 +110,7 @@ class PromptCache:
     (`mode = "capture"`); the KL pass then runs only the partners' completions, each attending to its
     prompt's cached keys and values (`mode = "extend"`), so no prompt is computed twice. Pass it to the
     model as `prompt_cache=` (transformers hands keyword arguments down to the attention function);
-    only `prospect_packed` attention reads it. `mode = "off"` makes the attention ignore it (e.g. when
+    only prospect's packed attentions (`PACKED_ATTENTIONS`) read it. `mode = "off"` makes the attention ignore it (e.g. when
     gradient checkpointing recomputes the capturing forward during backward).
     """
 
@@ -116,20 +122,27 @@ class PromptCache:
 
 @torch.compiler.disable  # per-sequence bounds and the prompt cache are Python data: eager, not recompiled per batch
 def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Causal attention within each packed sequence (query/key/value: [1, heads, T, head_dim]).
+    """Causal attention within each packed sequence (query/key/value: [1, heads, T, head_dim]), by
+    PyTorch's scaled-dot-product attention. Returns [1, T, heads, head_dim], the layout transformers'
+    attention functions return."""
+    return _packed_attention(module, query, key, value, attention_mask, dropout, scaling, kwargs, eager=False)
 
-    Returns [1, T, heads, head_dim], the layout transformers' attention functions return."""
+
+@torch.compiler.disable
+def packed_eager_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """`packed_sdpa_attention` computed by the model's own eager attention function, slice by slice."""
+    return _packed_attention(module, query, key, value, attention_mask, dropout, scaling, kwargs, eager=True)
+
+
+def _packed_attention(module, query, key, value, attention_mask, dropout, scaling, kwargs, *, eager: bool):
     assert attention_mask is None, "packed attention takes sequence bounds (cu_seq_lens_q), not a mask"
     bounds = kwargs["cu_seq_lens_q"].tolist()
-    grouped = query.shape[1] != key.shape[1]  # grouped-query attention: fewer key/value heads
     cache = kwargs.get("prompt_cache")
     if cache is not None and cache.mode == "extend":
-        return _extend_attention(module, cache, query, key, value, bounds, dropout, scaling, grouped), None
+        return _extend_attention(module, cache, query, key, value, bounds, dropout, scaling, eager), None
     outputs = [
-        F.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-            dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=grouped,
-        )
+        _attend(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None, dropout,
+                scaling, eager)
         for start, end in zip(bounds[:-1], bounds[1:])
     ]
     if cache is not None and cache.mode == "capture":
@@ -140,7 +153,26 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
-def _extend_attention(module, cache, query, key, value, bounds, dropout, scaling, grouped):
+def _attend(module, query, key, value, visible, dropout, scaling, eager: bool) -> torch.Tensor:
+    """One sequence's attention: queries [1, heads, q, d] over keys/values [1, kv_heads, k, d], causal
+    when `visible` is None, else where the bool mask [q, k] allows. Returns [1, heads, q, d]."""
+    grouped = query.shape[1] != key.shape[1]  # grouped-query attention: fewer key/value heads
+    if not eager:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=visible, dropout_p=dropout,
+                                              is_causal=visible is None, scale=scaling, enable_gqa=grouped)
+    if visible is None:
+        visible = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+    mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device)
+    mask = mask.masked_fill(~visible, torch.finfo(query.dtype).min)[None, None]
+    # The modeling file's own eager attention (it applies what the model adds, e.g. soft-capping);
+    # every transformers decoder defines one.
+    eager_attention = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    assert eager_attention is not None, f"{type(module).__name__}'s module defines no eager_attention_forward"
+    output, _ = eager_attention(module, query, key, value, mask, scaling=scaling, dropout=dropout)
+    return output.transpose(1, 2)  # eager functions return [1, q, heads, d]
+
+
+def _extend_attention(module, cache, query, key, value, bounds, dropout, scaling, eager):
     """Each packed sequence continues cached prefix i: its queries see the prefix and, causally, itself."""
     prefixes = cache.layers[module.layer_idx]
     assert len(prefixes) == len(bounds) - 1, "a prompt cache continues exactly the sequences it captured"
@@ -149,28 +181,29 @@ def _extend_attention(module, cache, query, key, value, bounds, dropout, scaling
         length, prefix = end - start, prefix_key.shape[2]
         # query t (at position prefix + t) sees keys 0 .. prefix + t: causal, aligned bottom-right
         visible = torch.ones(length, prefix + length, dtype=torch.bool, device=query.device).tril(prefix)
-        outputs.append(F.scaled_dot_product_attention(
-            query[:, :, start:end], torch.cat([prefix_key, key[:, :, start:end]], dim=2),
-            torch.cat([prefix_value, value[:, :, start:end]], dim=2),
-            attn_mask=visible, dropout_p=dropout, scale=scaling, enable_gqa=grouped,
-        ))
+        outputs.append(_attend(module, query[:, :, start:end], torch.cat([prefix_key, key[:, :, start:end]], dim=2),
+                               torch.cat([prefix_value, value[:, :, start:end]], dim=2), visible, dropout, scaling,
+                               eager))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
 
 
 def register_packed_attention() -> None:
-    """Make `prospect_packed` a valid `attn_implementation` (idempotent). With no mask function
-    registered under that name, transformers builds no attention mask for it, which is the point."""
+    """Make `prospect_packed` and `prospect_packed_eager` valid `attn_implementation`s (idempotent). With
+    no mask function registered under those names, transformers builds no attention mask for them,
+    which is the point."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+    AttentionInterface.register(PACKED_EAGER_ATTENTION, packed_eager_attention)
 
 
 def packed_attention_implementation(flash_attn: str, device: torch.device) -> tuple[str, str | None]:
     """The attention backend for packed batches, and a warning when the one asked for is unavailable.
 
     `flash_attn` is the config key: auto | fa2 | sdpa | disabled. fa2 needs CUDA and the flash-attn
-    package; everything else uses `prospect_packed` (SDPA per sequence, which on CUDA dispatches to
-    PyTorch's own flash/memory-efficient kernels).
+    package; disabled is the model's eager attention per packed sequence; everything else uses
+    `prospect_packed` (SDPA per sequence, which on CUDA dispatches to PyTorch's own flash /
+    memory-efficient kernels).
     """
     import importlib.util
 
@@ -178,6 +211,8 @@ def packed_attention_implementation(flash_attn: str, device: torch.device) -> tu
     if flash_attn in ("auto", "fa2") and has_fa2:
         return "flash_attention_2", None
     register_packed_attention()
+    if flash_attn == "disabled":
+        return PACKED_EAGER_ATTENTION, None
     if flash_attn == "fa2":
         why = "there is no CUDA device" if device.type != "cuda" else "the flash-attn package is not installed"
         return PACKED_ATTENTION, f"flash_attn: fa2 is unavailable ({why}); using PyTorch SDPA per packed sequence."

@@ -24,6 +24,9 @@ Storage layout (Ray Train's own; `ray_storage_path` is a local path or any URI p
         checkpoint_manager_snapshot.json    Ray's list of registered (complete) checkpoints
         adapter_model.safetensors, adapter_config.json, tokenizer files, run_config.yaml,
         metrics.jsonl, train_results.json, training_*.png     the final outputs, copied at the end
+        reference_logps.safetensors         KTO: the reference log-probs, copied each time train() saves
+                                            them, so a worker group restarted before the first
+                                            checkpoint continues the reference pass
 
 `output_dir` is the rank-0 worker's local working folder: train() writes there as usual, each
 checkpoint is handed to Ray Train (which copies it into the run folder and only then registers it)
@@ -50,6 +53,7 @@ import os
 import shutil
 from pathlib import Path, PurePosixPath
 
+from prospect.checkpoints import REFERENCE_FILE
 from prospect.config import RunConfig
 from prospect.errors import UserError
 from prospect.launch import ALLOCATOR_ENV
@@ -59,7 +63,7 @@ RUN_CONFIG_FILE = "run_config.yaml"
 RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 # Files a checkpoint carries besides what resume strictly needs, so that a worker restarted on another
 # node (with an empty output_dir) continues metrics.jsonl and reuses the KTO reference log-probs.
-CARRIED_FILES = ("metrics.jsonl", "reference_logps.safetensors")
+CARRIED_FILES = ("metrics.jsonl", REFERENCE_FILE)
 
 # Keys that do not change the weights a run produces: a re-run may change them and still resume.
 # per_device_train_batch_size × gradient_accumulation_steps × ray_num_workers is compared as one number.
@@ -122,10 +126,8 @@ def _check_gpu_only_options(config: RunConfig, use_gpu: bool) -> None:
         return
     fsdp = str(_runtime_env_vars(config).get("ACCELERATE_USE_FSDP", os.environ.get("ACCELERATE_USE_FSDP", ""))).lower()
     wanted = [
-        (config.deepspeed, f"deepspeed: {config.deepspeed} shards the model across GPUs"),
         (fsdp in ("1", "true", "yes"), "ACCELERATE_USE_FSDP shards the model across GPUs"),
         (config.fp16, "fp16: true needs CUDA"),
-        (config.quantization_bit is not None, "quantization_bit needs CUDA (bitsandbytes)"),
     ]
     reasons = [reason for present, reason in wanted if present]
     if reasons:
@@ -323,11 +325,12 @@ class RunFolder:
 
         return self.fs.get_file_info(self._file(name)).type != pyarrow.fs.FileType.NotFound
 
-    def read_text(self, name: str) -> str | None:
-        if not self.exists(name):
-            return None
+    def read_bytes(self, name: str) -> bytes:
         with self.fs.open_input_stream(self._file(name)) as f:
-            return f.read().decode("utf-8")
+            return f.read()
+
+    def read_text(self, name: str) -> str | None:
+        return self.read_bytes(name).decode("utf-8") if self.exists(name) else None
 
     def read_yaml(self, name: str) -> dict | None:
         import yaml
@@ -395,8 +398,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     if rank != 0:
         _quiet()
     with _resume_point(config, ray.train.get_checkpoint()) as config:
+        storage = RunFolder(config.ray_storage_path, config.ray_run_name)
         try:
-            results = train(config, on_checkpoint=report_checkpoint)
+            results = train(config, on_checkpoint=report_checkpoint,
+                            on_reference_saved=lambda path: storage.upload(path, REFERENCE_FILE))
         except UserError as error:  # the driver prints the message; Ray's log needs no deep traceback
             raise UserError(str(error)) from None
     if rank == 0:
@@ -471,6 +476,10 @@ def _resume_point(config: RunConfig, checkpoint):
     if checkpoint is None and config.resume_from_checkpoint and "://" in config.resume_from_checkpoint:
         checkpoint = Checkpoint(config.resume_from_checkpoint)  # a checkpoint in storage, by URI
     if checkpoint is None:
+        # Before the first checkpoint, a restarted worker group continues the KTO reference pass from the
+        # run folder's copy of the reference file (train() keeps what matches its inputs).
+        if _restore_reference(config):
+            config = dataclasses.replace(config, resume_from_checkpoint="true")
         yield config
         return
     # A local storage path is used in place; a URI is downloaded once per node, removed afterwards.
@@ -492,6 +501,23 @@ def _restore_carried_files(checkpoint: Path, output_dir: Path) -> None:
         partial = output_dir / f".{name}.{os.getpid()}.tmp"
         shutil.copyfile(source, partial)
         os.replace(partial, output_dir / name)  # atomic: ranks sharing the folder never read half a file
+
+
+def _restore_reference(config: RunConfig) -> bool:
+    """Copy the run folder's KTO reference file into output_dir (rank 0, which reads it); True when
+    there was one."""
+    import ray.train
+
+    storage = RunFolder(config.ray_storage_path, config.ray_run_name)
+    if not storage.exists(REFERENCE_FILE):
+        return False
+    if ray.train.get_context().get_world_rank() == 0:
+        output_dir = Path(config.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        partial = output_dir / f".{REFERENCE_FILE}.{os.getpid()}.tmp"
+        partial.write_bytes(storage.read_bytes(REFERENCE_FILE))
+        os.replace(partial, output_dir / REFERENCE_FILE)
+    return True
 
 
 def report_checkpoint(step: int, folder: Path, is_main: bool) -> None:

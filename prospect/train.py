@@ -33,11 +33,13 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import random
 import resource
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -51,9 +53,8 @@ from prospect.data.report import balance_advice, kto_balance
 from prospect.errors import UserError
 from prospect.losses import kl_partners, kto_loss, kto_reference_point, token_logps
 from prospect.model import load_tokenizer, load_trainable_model
-from prospect.packing import PACKED_ATTENTION, PackedBatch, PromptCache, pack, packed_attention_implementation
+from prospect.packing import PACKED_ATTENTIONS, PackedBatch, PromptCache, pack, packed_attention_implementation
 
-REFERENCE_FILE = "reference_logps.safetensors"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,14 +83,32 @@ def plan_schedule(num_examples: int, config: RunConfig, world_size: int) -> Sche
                     world_size, steps_per_epoch, max(1, total))
 
 
-def step_examples(schedule: Schedule, seed: int, step: int) -> list[int]:
-    """Indices of the examples of optimizer step `step` (0-based), the same on every rank: each
-    epoch is a permutation of the dataset drawn from (seed, epoch)."""
-    epoch, position = divmod(step, schedule.steps_per_epoch)
-    order = list(range(schedule.num_examples))
+def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
+    """The order of the examples in `epoch`: a permutation drawn from (seed, epoch) only."""
+    order = list(range(num_examples))
     random.Random(f"{seed}-{epoch}").shuffle(order)
+    return order
+
+
+def step_examples(schedule: Schedule, seed: int, step: int) -> list[int]:
+    """Indices of the examples of optimizer step `step` (0-based), the same on every rank."""
+    epoch, position = divmod(step, schedule.steps_per_epoch)
     start = position * schedule.global_batch_size
-    return order[start : start + schedule.global_batch_size]
+    return epoch_order(schedule.num_examples, seed, epoch)[start : start + schedule.global_batch_size]
+
+
+def examples_of_steps(schedule: Schedule, seed: int, first_step: int) -> list[int]:
+    """The sorted indices of every example that steps first_step .. total_steps − 1 train on."""
+    needed: set[int] = set()
+    step = first_step
+    while step < schedule.total_steps and len(needed) < schedule.num_examples:
+        epoch, position = divmod(step, schedule.steps_per_epoch)
+        end = min(schedule.total_steps, (epoch + 1) * schedule.steps_per_epoch)  # this epoch's steps in range
+        order = epoch_order(schedule.num_examples, seed, epoch)
+        needed.update(order[position * schedule.global_batch_size :
+                            (end - epoch * schedule.steps_per_epoch) * schedule.global_batch_size])
+        step = end
+    return sorted(needed)
 
 
 def rank_micro_batches(indices: list[int], schedule: Schedule, rank: int) -> list[tuple[list[int], float]]:
@@ -121,15 +140,15 @@ class Examples:
         self.dataset = dataset.select_columns(["input_ids", "labels", "prompt_len", "label"])
         self.stage = stage
         self.cutoff_len = cutoff_len
-        labels = dataset.data.column("labels").combine_chunks()
-        flat, offsets = labels.flatten().to_numpy(), labels.offsets.to_numpy()
-        trained = np.add.reduceat((flat != IGNORE_INDEX).astype(np.int64), offsets[:-1])
-        first_trained = flat[offsets[:-1]] != IGNORE_INDEX  # the first token has no predecessor to predict it
-        self.num_trained_targets = trained - first_trained  # [N] tokens that carry loss
-        self.num_tokens = np.diff(offsets)  # [N]
+        # Columns written at encode time, read through the dataset's indexing: a split (val_size) or the
+        # selection of kept rows is an index mapping over the stored table, which only indexing applies.
+        self.num_trained_targets = np.asarray(dataset["num_trained_targets"], dtype=np.int64)  # [N] tokens with loss
+        self.num_tokens = np.asarray(dataset["num_tokens"], dtype=np.int64)  # [N]
         self.partners: list[int] | None = None
-        self.reference_logps: torch.Tensor | None = None  # [N] summed completion log-probs
-        self.reference_kl_logps: torch.Tensor | None = None  # [N] the same for each KL pair
+        # [N] summed completion log-probs of the reference model, and the same for each KL pair; NaN
+        # where not computed (the reference pass computes only what the run trains and evaluates on).
+        self.reference_logps: torch.Tensor | None = None
+        self.reference_kl_logps: torch.Tensor | None = None
         if stage == "kto":
             if len(dataset) < 2:
                 raise UserError("stage: kto needs at least 2 examples (each is paired with another for the KL term).")
@@ -172,10 +191,10 @@ class Examples:
 
     def prompt_cache(self, indices: list[int], hidden_model) -> PromptCache | None:
         """A `PromptCache` for the prompts of `indices` (all but their last token), or None where it
-        cannot be used: an attention backend other than prospect_packed, or a prompt of 0 tokens or
+        cannot be used: an attention backend other than prospect's packed ones, or a prompt of 0 tokens or
         longer than cutoff_len."""
         model = getattr(hidden_model, "module", hidden_model)  # DDP wraps the HiddenStates module
-        if model.causal_lm().config._attn_implementation != PACKED_ATTENTION:
+        if model.causal_lm().config._attn_implementation not in PACKED_ATTENTIONS:
             return None
         prompt_lens = self.dataset[indices]["prompt_len"]
         if not prompt_lens or min(prompt_lens) < 1 or max(prompt_lens) > self.cutoff_len:
@@ -183,13 +202,16 @@ class Examples:
         return PromptCache([n - 1 for n in prompt_lens])
 
     def fingerprint(self) -> str:
-        """A hash of the token ids, labels and KL pairing: what the reference log-probs depend on."""
+        """A hash of the split's token ids, labels, prompt lengths and KL pairing, row by row in the
+        split's order: what the reference log-probs (and a resumed run's data) depend on."""
         h = hashlib.sha256()
+        table = self.dataset.with_format("arrow")[:]  # the split's own rows (its index mapping applied)
         for name in ("input_ids", "labels", "prompt_len"):
-            for chunk in self.dataset.data.column(name).chunks:
-                for buffer in chunk.buffers():
-                    if buffer is not None:
-                        h.update(buffer)
+            column = table.column(name).combine_chunks()
+            if hasattr(column, "flatten"):  # a list column: each row's length, then every value
+                h.update(column.value_lengths().to_numpy(zero_copy_only=False).tobytes())
+                column = column.flatten()
+            h.update(column.to_numpy(zero_copy_only=False).tobytes())
         h.update(json.dumps(self.partners).encode())
         return h.hexdigest()
 
@@ -236,94 +258,162 @@ def sequence_logps(hidden_model, head, batch: PackedBatch, device, prompt_cache:
 
 
 # --------------------------------------------------------------------------------------------------
-# KTO reference log-probs: computed once
+# KTO reference log-probs: computed once, for the examples the run needs, saved as they are computed
 
 
 @torch.no_grad()
 def compute_reference_logps(examples: Examples, hidden_model, head, *, accelerator, batch_size: int,
-                            desc: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Reference log-probs of every example's completion and KL pair, [N] each, on every rank.
+                            indices: list[int] | None = None, progress=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Reference log-probs of the completions and KL pairs of `indices` (default: every example),
+    [len(indices)] each, on every rank.
 
-    Ranks split the examples and sum their parts with one all-reduce. Returns also how many packed
-    forward passes this rank ran (tests count them: the reference must run once per run)."""
-    from tqdm.auto import tqdm
-
-    n = len(examples)
-    logps = torch.zeros(n, device=accelerator.device)
-    kl_logps = torch.zeros(n, device=accelerator.device)
-    mine = list(range(accelerator.process_index, n, accelerator.num_processes))
+    Ranks split the indices and sum their parts with one all-reduce. Returns also how many packed
+    forward passes this rank ran (tests count them: the reference must run once per example)."""
+    indices = list(range(len(examples))) if indices is None else indices
+    logps = torch.zeros(len(indices), device=accelerator.device)
+    kl_logps = torch.zeros(len(indices), device=accelerator.device)
+    mine = list(range(accelerator.process_index, len(indices), accelerator.num_processes))  # positions in indices
     passes = 0
-    for chunk in tqdm(batches_of(mine, batch_size), desc=desc, disable=not accelerator.is_main_process,
-                      leave=False, dynamic_ncols=True):
-        index = torch.tensor(chunk, device=accelerator.device)
+    for positions in batches_of(mine, batch_size):
+        chunk = [indices[position] for position in positions]
+        where = torch.tensor(positions, device=accelerator.device)
         cache = examples.prompt_cache(chunk, hidden_model)  # the KL pass reuses the targets' prompts
-        logps[index] = sequence_logps(hidden_model, head, examples.targets(chunk), accelerator.device, cache)[0]
+        logps[where] = sequence_logps(hidden_model, head, examples.targets(chunk), accelerator.device, cache)[0]
         if cache is not None:
             cache.mode = "extend"
         kl_batch = examples.kl_pairs(chunk) if cache is None else examples.kl_continuations(chunk)
-        kl_logps[index] = sequence_logps(hidden_model, head, kl_batch, accelerator.device, cache)[0]
+        kl_logps[where] = sequence_logps(hidden_model, head, kl_batch, accelerator.device, cache)[0]
         passes += 2
+        if progress is not None:
+            progress.update(1)
     if accelerator.num_processes > 1:
         logps, kl_logps = accelerator.reduce(logps, "sum"), accelerator.reduce(kl_logps, "sum")
     return logps.cpu(), kl_logps.cpu(), passes
 
 
 def reference_key(config: RunConfig, splits: dict[str, Examples]) -> str:
-    """What the reference log-probs depend on: the model, the starting adapter, the tokens, the
-    pairing and the precision."""
+    """Everything the reference log-probs depend on: the model and starting adapters (their files),
+    the precision and quantization, cutoff_len (KL pairs are cut at it) and each split's tokens,
+    labels, prompt lengths and KL pairing."""
     parts = {
         "model": config.model_name_or_path,
+        "model_files": _files_fingerprint(config.model_name_or_path),
         "adapter": config.adapter_name_or_path,
+        "adapter_files": [_files_fingerprint(path.strip())
+                          for path in (config.adapter_name_or_path or "").split(",") if path.strip()],
         "finetuning_type": config.finetuning_type,
         "bf16": config.bf16,
         "fp16": config.fp16,
+        "quantization_bit": config.quantization_bit,
+        "cutoff_len": config.cutoff_len,
         "splits": {name: examples.fingerprint() for name, examples in splits.items()},
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def load_or_compute_reference(config, splits: dict[str, Examples], make_reference, *, accelerator,
-                              output_dir: Path) -> int:
-    """Fill each split's reference log-probs from output_dir/reference_logps.safetensors when its key
-    matches, else compute them (`make_reference()` is a context giving the reference model's
-    (HiddenStates, output head)) and store them there. Returns the number of reference forward
-    passes run."""
-    from safetensors.torch import load_file, save_file
+def _files_fingerprint(path: str) -> list:
+    """(name, size, modification time) of a weights file, or of the weights and config files of a
+    model or adapter folder: a model or adapter changed at the same path changes it."""
+    if not path or not Path(path).expanduser().exists():
+        return []  # a hub id or the embedded model's name: the name is in the key
+    target = Path(path).expanduser()
+    files = [target] if target.is_file() else sorted(
+        p for p in target.iterdir()
+        if p.is_file() and p.suffix in (".safetensors", ".bin", ".json", ".gguf") and p.name != checkpoints.REFERENCE_FILE)
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
-    path = output_dir / REFERENCE_FILE
-    key = reference_key(config, splits)
-    stored_key = None
-    if path.is_file():
-        from safetensors import safe_open
 
-        with safe_open(str(path), "pt") as f:
-            stored_key = (f.metadata() or {}).get("key")
-    # Computing is collective (an all-reduce), so all ranks must take the same branch: one rank whose
-    # node-local output_dir lacks the file (Ray across nodes) makes every rank compute.
-    if reduce_sums({"found": float(stored_key == key)}, accelerator)["found"] == accelerator.num_processes:
-        tensors = load_file(str(path))
-        for name, examples in splits.items():
-            examples.reference_logps = tensors[f"{name}_logps"]
-            examples.reference_kl_logps = tensors[f"{name}_kl_logps"]
+# Reference batches (per rank) between two saves of the reference file: a crash, or a lost Ray worker,
+# loses at most this much of the pass.
+REFERENCE_SAVE_EVERY = 64
+
+
+def load_or_compute_reference(config, splits: dict[str, tuple[Examples, list[int]]], make_reference, *,
+                              accelerator, output_dir: Path, on_save=None) -> int:
+    """Fill each split's reference log-probs for the indices it needs.
+
+    `splits` maps a split's name to (its examples, the indices the run needs). What
+    output_dir/reference_logps.safetensors holds under the same `reference_key` is reused; the rest is
+    computed (`make_reference()` is a context giving the reference model's (HiddenStates, output head))
+    and the file is rewritten every REFERENCE_SAVE_EVERY batches, so a restarted run continues the
+    pass where it stopped. `on_save(path)`, if given, runs on the main process after each save (Ray
+    copies the file to shared storage). Returns the number of reference forward passes run."""
+    from tqdm.auto import tqdm
+
+    path = output_dir / checkpoints.REFERENCE_FILE
+    examples_of = {name: examples for name, (examples, _) in splits.items()}
+    key = reference_key(config, examples_of)
+    stored = _read_reference_file(path, key) if accelerator.is_main_process else {}
+    todo = {}
+    for name, (examples, needed) in splits.items():
+        # The main process's file is the truth: on Ray across nodes another rank's output_dir may lack it.
+        for attribute in ("logps", "kl_logps"):
+            values = stored.get(f"{name}_{attribute}", torch.full((len(examples),), float("nan")))
+            setattr(examples, f"reference_{attribute}", _broadcast(values, accelerator))
+        missing = torch.isnan(examples.reference_logps).numpy()
+        todo[name] = [i for i in needed if missing[i]]
+    if not any(todo.values()):
         return 0
+
+    batch_size, world, rank = config.per_device_eval_batch_size, accelerator.num_processes, accelerator.process_index
+    rounds = [(name, batch) for name, missing in todo.items()
+              for batch in batches_of(missing, world * batch_size * REFERENCE_SAVE_EVERY)]
+    my_batches = sum(math.ceil(len(range(rank, len(indices), world)) / batch_size) for _, indices in rounds)
+    progress = tqdm(total=my_batches, desc="reference log-probs", disable=not accelerator.is_main_process,
+                    leave=False, dynamic_ncols=True)
     passes = 0
     with make_reference() as (reference_model, reference_head):
-        for name, examples in splits.items():
-            examples.reference_logps, examples.reference_kl_logps, n = compute_reference_logps(
+        for name, indices in rounds:
+            examples = examples_of[name]
+            logps, kl_logps, n = compute_reference_logps(
                 examples, reference_model, reference_head, accelerator=accelerator,
-                batch_size=config.per_device_eval_batch_size, desc=f"reference log-probs ({name})",
-            )
+                batch_size=batch_size, indices=indices, progress=progress)
+            examples.reference_logps[indices], examples.reference_kl_logps[indices] = logps, kl_logps
             passes += n
-    if accelerator.is_main_process:
-        tensors = {}
-        for name, examples in splits.items():
-            tensors[f"{name}_logps"] = examples.reference_logps.contiguous()
-            tensors[f"{name}_kl_logps"] = examples.reference_kl_logps.contiguous()
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"key": key})
-        tmp.replace(path)
+            if accelerator.is_main_process:
+                _write_reference_file(path, key, examples_of)
+                if on_save is not None:
+                    on_save(path)
+    progress.close()
     accelerator.wait_for_everyone()
     return passes
+
+
+def _read_reference_file(path: Path, key: str) -> dict[str, torch.Tensor]:
+    """The tensors of the reference file when it was written under `key`, else {}."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("key") != key:
+                return {}
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError):  # a damaged file is recomputed, never trusted
+        return {}
+
+
+def _write_reference_file(path: Path, key: str, splits: dict[str, Examples]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, examples in splits.items():
+        tensors[f"{name}_logps"] = examples.reference_logps.contiguous()
+        tensors[f"{name}_kl_logps"] = examples.reference_kl_logps.contiguous()
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"key": key})
+    os.replace(tmp, path)  # atomic: a crash during the save leaves the previous file whole
+
+
+def _broadcast(tensor: torch.Tensor, accelerator) -> torch.Tensor:
+    """The main process's tensor on every rank (CPU)."""
+    if accelerator.num_processes == 1:
+        return tensor
+    from accelerate.utils import broadcast
+
+    return broadcast(tensor.to(accelerator.device), from_process=0).cpu()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -401,16 +491,17 @@ def kto_sums(losses, rewards, policy_logps, labels, weight: float = 1.0) -> dict
 # The run
 
 
-def train(config: RunConfig, *, on_checkpoint=None) -> dict:
+def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> dict:
     """Train as `config` says; return the contents of train_results.json.
 
     `on_checkpoint(step, folder, is_main)`, if given, runs on every rank once checkpoint-<step> is
-    complete (Ray workers use it to hand the checkpoint to Ray Train, see prospect/ray_launch.py)."""
+    complete; `on_reference_saved(path)` on the main process each time the KTO reference file is
+    saved (Ray workers use both to copy them to shared storage, see prospect/ray_launch.py)."""
     import copy
 
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -418,16 +509,15 @@ def train(config: RunConfig, *, on_checkpoint=None) -> dict:
 
     if config.fp16 and not torch.cuda.is_available():
         raise UserError("fp16: true needs a CUDA GPU; on CPU train in float32 (bf16: false) or bf16: true.")
-    if config.deepspeed and not torch.cuda.is_available():
-        raise UserError(f"deepspeed: {config.deepspeed} needs CUDA GPUs; remove the key to train on CPU.")
-    if config.quantization_bit is not None and not torch.cuda.is_available():
-        raise UserError("quantization_bit needs a CUDA GPU (bitsandbytes); remove the key to train on CPU.")
+    config.refuse_unbuilt()
     # Accelerate keeps its settings in a process-wide singleton; a new run (a test, a restarted Ray
     # worker) must not inherit the last run's mixed precision.
     AcceleratorState._reset_state(reset_partial_state=False)
     # cpu=True without CUDA: Accelerate joins a CPU (gloo) process group under torchrun only when told.
+    # ddp_timeout: how long a collective waits under torchrun (Ray sets it on the group it creates).
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision="bf16" if config.bf16 else "fp16" if config.fp16 else "no")
+                              mixed_precision="bf16" if config.bf16 else "fp16" if config.fp16 else "no",
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))])
     main = accelerator.is_main_process
     say = print if main else (lambda *a, **k: None)
     output_dir = Path(config.output_dir)
@@ -446,7 +536,7 @@ def train(config: RunConfig, *, on_checkpoint=None) -> dict:
         data = prepare_data(config, tokenizer)
     train_set = Examples(data.train, stage=config.stage, cutoff_len=config.cutoff_len, seed=config.seed)
     eval_set = None
-    if data.eval is not None and len(data.eval) > 0:
+    if data.eval is not None and len(data.eval) > 0 and config.eval_strategy != "no":
         eval_set = Examples(data.eval, stage=config.stage, cutoff_len=config.cutoff_len, seed=config.seed + 1)
     if config.stage == "kto":
         labels = train_set.dataset["label"]
@@ -489,29 +579,40 @@ def train(config: RunConfig, *, on_checkpoint=None) -> dict:
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                               num_training_steps=schedule.total_steps)
     hidden_model, optimizer = accelerator.prepare(hidden_model, optimizer)
-    say(f"{len(train_set)} examples, {schedule.total_steps} steps of {schedule.global_batch_size} examples "
+    say(f"{len(train_set)} examples ({int(train_set.num_tokens.sum()):,} tokens), {schedule.total_steps} steps of "
+        f"{schedule.global_batch_size} examples "
         f"({schedule.micro_batch_size} × {schedule.accumulation_steps} accumulation × {schedule.world_size} "
         f"processes), {sum(p.numel() for p in trainable):,} trainable parameters, attention {attention}")
 
-    # --- KTO reference log-probs, once -----------------------------------------------------------
-    reference_passes, reference_start = 0, time.perf_counter()
-    if config.stage == "kto":
-        splits = {"train": train_set, **({"eval": eval_set} if eval_set is not None else {})}
-        reference_passes = load_or_compute_reference(
-            config, splits, lambda: _reference_forward(hidden_model, frozen_reference, accelerator),
-            accelerator=accelerator, output_dir=output_dir,
-        )
-        frozen_reference = None  # the frozen copy of full fine-tuning is not needed after this
-    reference_seconds = time.perf_counter() - reference_start
-
     # --- resume ----------------------------------------------------------------------------------
     start_step = 0
+    # What a checkpoint must have been trained on to be continued: the same tokens and, for KTO, the same
+    # reference model (the log-probs of the steps run so far came from it).
+    data_fingerprint = train_set.fingerprint() if config.stage == "sft" else reference_key(config, {"train": train_set})
+    if accelerator.num_processes > 1:  # the main process's: file times may differ between nodes' copies of a model
+        from accelerate.utils import broadcast_object_list
+
+        data_fingerprint = broadcast_object_list([data_fingerprint])[0]
     if resume_from is not None:
         state = checkpoints.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
                                             rank=accelerator.process_index, lora=lora)
-        _check_resumable(state, schedule, config, resume_from)
+        _check_resumable(state, schedule, config, resume_from, data_fingerprint)
         start_step = state["step"]
         say(f"resumed from {resume_from} at step {start_step}")
+
+    # --- KTO reference log-probs: the examples of the steps still to run, and the eval split ----------
+    reference_passes, reference_start = 0, time.perf_counter()
+    if config.stage == "kto":
+        splits = {"train": (train_set, examples_of_steps(schedule, config.seed, start_step))}
+        if eval_set is not None:
+            splits["eval"] = (eval_set, list(range(len(eval_set))))
+        reference_passes = load_or_compute_reference(
+            config, splits, lambda: _reference_forward(hidden_model, frozen_reference, accelerator),
+            accelerator=accelerator, output_dir=output_dir,
+            on_save=on_reference_saved,
+        )
+        frozen_reference = None  # the frozen copy of full fine-tuning is not needed after this
+    reference_seconds = time.perf_counter() - reference_start
 
     tracker = Tracker(str(output_dir), config, resume_step=start_step if resume_from else None) if main else None
     if main:
@@ -568,7 +669,8 @@ def train(config: RunConfig, *, on_checkpoint=None) -> dict:
                     progress.write(_metrics_line(done, schedule.total_steps, metrics, split="eval"))
                 hidden_model.train()
             if done % config.save_steps == 0 or done == schedule.total_steps:
-                _save_checkpoint(config, output_dir, done, schedule, model, optimizer, scheduler, accelerator)
+                _save_checkpoint(config, output_dir, done, schedule, model, optimizer, scheduler, accelerator,
+                                 data_fingerprint)
                 if on_checkpoint is not None:
                     on_checkpoint(done, output_dir / f"checkpoint-{done}", main)
         progress.close()
@@ -610,7 +712,11 @@ def _reference_forward(hidden_model, frozen_reference, accelerator):
         policy.eval()
         try:
             if frozen_reference is not None:
+                # The copy was taken before `accelerator.prepare`, which puts the policy's forward (not its
+                # head) under autocast; the copy's forward gets the same, or a bf16 run's reference would
+                # differ from the policy at step 0.
                 frozen = HiddenStates(frozen_reference)
+                frozen.forward = accelerator.autocast()(frozen.forward)
                 yield frozen, frozen.causal_lm().get_output_embeddings()
             else:
                 with policy.model.disable_adapter():
@@ -754,10 +860,12 @@ def _is_eval_step(config: RunConfig, done: int, eval_every: int, schedule: Sched
 
 
 def _save_checkpoint(config, output_dir: Path, step: int, schedule: Schedule, model, optimizer, scheduler,
-                     accelerator) -> None:
+                     accelerator, data_fingerprint: str) -> None:
     folder = checkpoints.temporary_folder(str(output_dir), step)
     state = {
         "step": step,
+        "data_fingerprint": data_fingerprint,
+        "cutoff_len": config.cutoff_len,
         "epoch": step / schedule.steps_per_epoch,
         "seed": config.seed,
         "num_examples": schedule.num_examples,
@@ -776,12 +884,16 @@ def _save_checkpoint(config, output_dir: Path, step: int, schedule: Schedule, mo
     accelerator.wait_for_everyone()
 
 
-def _check_resumable(state: dict, schedule: Schedule, config: RunConfig, folder: Path) -> None:
-    """The data order and schedule depend on these; resuming with other values would not continue the run."""
+def _check_resumable(state: dict, schedule: Schedule, config: RunConfig, folder: Path, data_fingerprint: str) -> None:
+    """The data, its order and the schedule depend on these; resuming with other values would not
+    continue the run (and KTO would mix reference log-probs of other sequences)."""
     expected = {"seed": config.seed, "num_examples": schedule.num_examples,
                 "global_batch_size": schedule.global_batch_size, "total_steps": schedule.total_steps,
-                "stage": config.stage}
+                "stage": config.stage, "cutoff_len": config.cutoff_len}
     changed = [f"{key} {state.get(key)} → {value}" for key, value in expected.items() if state.get(key) != value]
+    if state.get("data_fingerprint") != data_fingerprint:
+        changed.append("the training data's tokens (data files, template, truncation or tokenizer)"
+                       + (" or the KTO reference model (model, adapters, precision)" if config.stage == "kto" else ""))
     if changed:
         raise UserError(
             f"resume_from_checkpoint: {folder} was written by a run with other settings ({'; '.join(changed)}); "

@@ -77,8 +77,12 @@ def glaive_records() -> list[dict]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def build_tiny_model_dir(folder: Path, tokenizer, *, architecture: str = "llama", seed: int = 0) -> Path:
-    """A random 2-layer, hidden-64 causal LM with the given real tokenizer, saved as a HF folder."""
+def build_tiny_model_dir(folder: Path, tokenizer, *, architecture: str = "llama", seed: int = 0,
+                         initializer_range: float = 0.02) -> Path:
+    """A random 2-layer, hidden-64 causal LM with the given real tokenizer, saved as a HF folder.
+
+    A larger `initializer_range` gives confident logits, whose log-probs show precision differences
+    (bf16 vs fp32) that the default near-uniform ones hide."""
     import torch
     import transformers
 
@@ -90,7 +94,7 @@ def build_tiny_model_dir(folder: Path, tokenizer, *, architecture: str = "llama"
     config = config_class(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     model_class(config).save_pretrained(str(folder))
@@ -102,3 +106,9 @@ def build_tiny_model_dir(folder: Path, tokenizer, *, architecture: str = "llama"
 def tiny_model_dir(tmp_path_factory, smollm_tokenizer) -> Path:
     """A tiny random Llama with SmolLM2's tokenizer and chat template (49k vocabulary)."""
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), smollm_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory, qwen_tokenizer) -> Path:
+    """A tiny random Qwen2 with the real Qwen2.5 tokenizer (its official chat template, tools included)."""
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-qwen"), qwen_tokenizer, architecture="qwen2")

@@ -9,6 +9,9 @@ worker. Nothing here is in the package: prospect has no test hook beyond accepti
                                PROSPECT_TEST_* variables it sees
     PROSPECT_TEST_KILL         "<rank>:<step>": in the first attempt, that rank SIGKILLs its own
                                process right after Ray registered checkpoint-<step>, mid-run
+    PROSPECT_TEST_KILL_REFERENCE  "<n>": the KTO reference file is saved after every batch, and rank 0
+                               SIGKILLs itself once its n-th save reached the run folder, in the
+                               first attempt only (a marker file in PROSPECT_TEST_RECORD_DIR says so)
 
 The test sends cloudpickle this module by value (tests/ is not importable in the workers).
 """
@@ -37,6 +40,9 @@ def train_loop(loop_config: dict) -> dict:
                   "first_attempt": first_attempt, "env": seen}
         Path(record_dir, f"{os.getpid()}.json").write_text(json.dumps(record))
 
+    kill_reference = os.environ.get("PROSPECT_TEST_KILL_REFERENCE")
+    if kill_reference:
+        _kill_after_reference_saves(int(kill_reference), rank, Path(record_dir) / "reference-killed")
     kill = os.environ.get("PROSPECT_TEST_KILL")
     if kill and first_attempt:
         kill_rank, kill_step = (int(part) for part in kill.split(":"))
@@ -61,3 +67,26 @@ def _kill_after_checkpoint(step: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     ray.train.report = report_then_die
+
+
+def _kill_after_reference_saves(saves: int, rank: int, marker: Path) -> None:
+    """Save the reference file after every batch; in the first attempt rank 0 dies after `saves` of
+    them reached the run folder: a worker lost during the reference pass, before any checkpoint."""
+    import prospect.ray_launch
+    import prospect.train
+
+    prospect.train.REFERENCE_SAVE_EVERY = 1
+    if rank != 0 or marker.exists():
+        return
+    upload, done = prospect.ray_launch.RunFolder.upload, []
+
+    def upload_then_die(self, local, name):
+        upload(self, local, name)
+        if name == prospect.ray_launch.REFERENCE_FILE:
+            done.append(1)
+            if len(done) == saves:
+                marker.write_text("killed")
+                print(f"test: SIGKILL to this worker (pid {os.getpid()}) after reference save {saves}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    prospect.ray_launch.RunFolder.upload = upload_then_die

@@ -234,10 +234,12 @@ def _kto_records():
     ]
 
 
-def test_data_check_prints_counts_balance_truncation_and_trained_tokens(tmp_path, capsys, qwen_tokenizer):
+@pytest.mark.parametrize("truncation_mode", ["keep_end", "keep_start"])
+def test_data_check_prints_counts_balance_truncation_and_trained_tokens(tmp_path, capsys, qwen_tokenizer,
+                                                                        truncation_mode):
     cutoff = 64
     config_path = write_config(tmp_path, KTO_ENTRY, "data.json", json.dumps(_kto_records()), stage="kto",
-                               cutoff_len=cutoff)
+                               cutoff_len=cutoff, truncation_mode=truncation_mode)
 
     code, out, err = run_cli(capsys, "data", "check", config_path)
     assert code == 0, err
@@ -248,9 +250,9 @@ def test_data_check_prints_counts_balance_truncation_and_trained_tokens(tmp_path
     [spec] = resolve_datasets(config.dataset_dir, ["d"])
     examples, _ = load_examples(spec, config.dataset_dir, stage="kto")
     template = get_template("qwen", qwen_tokenizer, None)
-    encoded = [encode_example(e, template, qwen_tokenizer, stage="kto", cutoff_len=cutoff) for e in examples]
+    encoded = [encode_example(e, template, qwen_tokenizer, stage="kto", cutoff_len=cutoff,
+                              truncation_mode=truncation_mode) for e in examples]
     kept = [e for e in encoded if not isinstance(e, DroppedExample)]
-    assert [isinstance(e, DroppedExample) for e in encoded] == [False, False, False, False, True]
     trained = sum(e.num_trained_tokens for e in kept)
     longest = max(e.num_tokens_before_cutoff for e in kept)
 
@@ -258,12 +260,25 @@ def test_data_check_prints_counts_balance_truncation_and_trained_tokens(tmp_path
     assert lines[0] == f"model {QWEN_DIR} (tokenizer only) | template qwen | stage kto | cutoff_len {cutoff}"
     assert "dataset d (train)" in lines
     assert "  records        5 read, 0 skipped as malformed, 0 beyond max_samples" in lines
-    assert "  examples       4 kept, 1 dropped (1 no trained token within cutoff_len)" in lines
-    assert "  labels         3 desirable, 1 undesirable" in lines
-    assert "  truncated      1 longer than cutoff_len 64 (cut at the end)" in lines
+    if truncation_mode == "keep_start":  # the long prompt fills cutoff_len: that example is dropped
+        assert [isinstance(e, DroppedExample) for e in encoded] == [False, False, False, False, True]
+        assert "  examples       4 kept, 1 dropped (1 no trained token within cutoff_len)" in lines
+        assert "  labels         3 desirable, 1 undesirable" in lines
+        assert "  truncated      1 longer than cutoff_len 64 (cut at the end)" in lines
+    else:  # its prompt is cut from the start instead; the long answer is cut at its end
+        assert kept == encoded and kept[4].prompt_tokens_cut > 0 and kept[2].completion_tokens_cut > 0
+        assert "  examples       5 kept, 0 dropped" in lines
+        assert "  labels         3 desirable, 2 undesirable" in lines
+        prompts_cut = sum(e.prompt_tokens_cut > 0 for e in kept)  # 2: the long answer's share leaves its
+        completions_cut = sum(e.completion_tokens_cut > 0 for e in kept)  # prompt 13 tokens (LLaMA-Factory's split)
+        assert (prompts_cut, completions_cut) == (2, 1)
+        assert ("  truncated      2 longer than cutoff_len 64: 2 prompts cut from the start (oldest turns first), "
+                "1 completions cut at the end") in lines
     assert f"  trained tokens {trained:,}" in lines
     assert re.search(rf"^  tokens/example p50 \d+, p90 \d+, p99 \d+, max {longest}$", out, re.M)
-    assert f"total: 4 train examples, 0 eval examples, {trained:,} trained tokens" in lines
+    assert f"total: {len(kept)} train examples, 0 eval examples, {trained:,} trained tokens" in lines
+    if truncation_mode == "keep_end":
+        return
 
     [balance] = [line for line in lines if line.startswith("KTO balance (train split): ")]
     assert "λD·nD/(λU·nU) = 1·3/(1·1) = 3.00, outside [1, 4/3]" in balance
@@ -314,3 +329,44 @@ def test_data_preview_marks_exactly_the_assistant_replies(tmp_path, capsys):
         "Hello! How can I help?<|im_end|>", "4<|im_end|>", "Blue<|im_end|>"]
     assert "<|im_start|>user\nHi there<|im_end|>" in out  # the prompt is shown, unmarked
     assert "<|im_start|>system\nBe brief.<|im_end|>" in out
+
+
+@pytest.mark.parametrize("cutoff", [512, 1024])
+def test_kto_en_demo_keeps_every_example_and_truncation_keeps_what_matters(tmp_path, capsys, cutoff):
+    """LLaMA-Factory's kto_en_demo (multi-turn prompts up to 4k tokens): nothing dropped at the reference
+    config's cutoff_len or below; a truncated example keeps the prompt's last turn and the completion's start.
+    The oracle is the raw JSON record."""
+    from conftest import DATA_DIR
+    from prospect.data.pipeline import prepare_data
+    from prospect.model import load_tokenizer
+
+    overrides = {"model_name_or_path": str(QWEN_DIR), "template": "qwen", "stage": "kto", "dataset": "kto_en_demo",
+                 "dataset_dir": str(DATA_DIR), "cache_dir": str(tmp_path / "cache"), "cutoff_len": cutoff}
+    config_file = tmp_path / "kto.yaml"
+    config_file.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in overrides.items()))
+    code, out, err = run_cli(capsys, "data", "check", str(config_file))
+    assert code == 0, err
+    assert "  examples       300 kept, 0 dropped" in out.splitlines()
+    assert re.search(rf"^  truncated      \d+ longer than cutoff_len {cutoff}: [1-9]\d* prompts cut from the start "
+                     r"\(oldest turns first\), [1-9]\d* completions cut at the end$", out, re.M), out
+
+    tokenizer = load_tokenizer(str(QWEN_DIR))
+    train = prepare_data(build_config(overrides), tokenizer).train  # from the cache data check wrote
+    records = json.loads((DATA_DIR / "kto_en_demo.json").read_text())
+    checked = 0
+    for row in train:
+        if not row["prompt_tokens_cut"]:
+            continue
+        messages = records[int(row["origin"].rsplit("#", 1)[1])]["messages"]
+        prompt = tokenizer.decode(row["input_ids"][: row["prompt_len"]])
+        completion = tokenizer.decode(row["input_ids"][row["prompt_len"] :])
+        assert len(row["input_ids"]) <= cutoff and row["label"] == records[int(row["origin"].rsplit("#", 1)[1])]["label"]
+        last_user = messages[-2]["content"]
+        if row["prompt_len"] > len(tokenizer(last_user)["input_ids"]) + 8:  # the last user turn fits: whole
+            assert prompt.endswith(f"<|im_start|>user\n{last_user}<|im_end|>\n<|im_start|>assistant\n")
+        else:  # even the last turn is cut: its end, then the assistant header
+            assert prompt.endswith(f"{last_user[-20:]}<|im_end|>\n<|im_start|>assistant\n")
+        full_completion = messages[-1]["content"] + "<|im_end|>"
+        assert full_completion.startswith(completion) and len(completion) > 0
+        checked += 1
+    assert checked >= 10

@@ -241,17 +241,100 @@ def test_cutoff_drops_examples_without_trained_token(llama3_tokenizer):
     assert dropped.reason.value == "no trained token within cutoff_len"
 
 
-def test_kto_cutoff_truncates_the_completion_and_drops_a_prompt_only_example(qwen_tokenizer):
+def test_kto_keep_start_truncates_the_completion_and_drops_a_prompt_only_example(qwen_tokenizer):
     template = get_template("qwen", qwen_tokenizer)
     example = kto(CONVERSATIONS["system_multi_turn"], False)
     full = encode_example(example, template, qwen_tokenizer, stage="kto", cutoff_len=4096)
-    cut = encode_example(example, template, qwen_tokenizer, stage="kto", cutoff_len=full.prompt_len + 1)
+    cut = encode_example(example, template, qwen_tokenizer, stage="kto", cutoff_len=full.prompt_len + 1,
+                         truncation_mode="keep_start")
     assert cut.input_ids == full.input_ids[: full.prompt_len + 1]
     assert cut.prompt_len == full.prompt_len and cut.num_trained_tokens == 1
 
-    dropped = encode_example(example, template, qwen_tokenizer, stage="kto", cutoff_len=full.prompt_len)
+    dropped = encode_example(example, template, qwen_tokenizer, stage="kto", cutoff_len=full.prompt_len,
+                             truncation_mode="keep_start")
     assert isinstance(dropped, DroppedExample)
     assert dropped.reason is DropReason.NO_TRAINED_TOKEN_WITHIN_CUTOFF
+
+
+LONG_KTO = conversation(
+    ("system", "You are a careful assistant who answers questions about geography."),
+    ("user", "Tell me about Italy, its regions and its history. " * 4),
+    ("assistant", "Italy is a country in southern Europe with twenty regions. " * 6),
+    ("user", "And Spain? " * 3),
+    ("assistant", "Spain lies on the Iberian peninsula. " * 5),
+    ("user", "Which of the two is larger, and by how much? Answer with numbers."),
+    ("assistant", "Spain is larger: about 506,000 km² against Italy's 301,000 km². " * 3),
+)
+
+
+def _kto_candidates(messages):
+    """Oracle: the shortened conversations keep_end may choose, most history first, the system prompt
+    tried first for each start (written from the rule, not from the code)."""
+    system = [messages[0]] if messages[0].role == "system" else []
+    starts = [k for k in range(len(system), len(messages) - 1) if messages[k].role == "user"]
+    out = []
+    for k in starts:
+        for with_system in ((True, False) if system else (False,)):
+            candidate = (system if with_system else []) + list(messages[k:])
+            if candidate != list(messages):
+                out.append(candidate)
+    return out
+
+
+def test_kto_keep_end_keeps_every_example_the_completion_start_and_the_latest_turns(setup):
+    """For every cutoff_len: nothing dropped; the completion's first tokens; a prompt that is the
+    official rendering of the conversation with the most history that fits its budget (LLaMA-Factory's
+    split), else the last tokens of the shortest one."""
+    tokenizer, template, _, _ = setup
+    messages = LONG_KTO
+    example = kto(messages, True)
+    full_ids = official_ids(tokenizer, to_hf_messages(messages))
+    full_prompt = official_ids(tokenizer, to_hf_messages(messages[:-1]), add_generation_prompt=True)
+    completion = full_ids[len(full_prompt):]
+    end = len(full_prompt) + next(i for i, t in enumerate(completion)
+                                  if decode(tokenizer, completion[: i + 1]).endswith(template.end_of_turn)) + 1
+    full_ids, completion = full_ids[:end], full_ids[len(full_prompt):end]  # the text ends at the end of turn
+    prompts = [official_ids(tokenizer, to_hf_messages(c[:-1]), add_generation_prompt=True)
+               for c in _kto_candidates(messages)]
+    total, P, C = len(full_ids), len(full_prompt), len(completion)
+    cases = 0
+    for cutoff in sorted({2, 3, 5, 9, 17, 33, 64, 100, 150, 200, total - 1, total, total + 5} | set(range(2, total, 23))):
+        encoded = encode_example(example, template, tokenizer, stage="kto", cutoff_len=cutoff)
+        assert isinstance(encoded, EncodedExample), f"cutoff_len {cutoff}: a KTO example must never be dropped"
+        ids, n = encoded.input_ids, encoded.prompt_len
+        assert len(ids) <= cutoff and encoded.num_tokens_before_cutoff == total
+        assert encoded.labels == [IGNORE_INDEX] * n + ids[n:]
+        if cutoff >= total:
+            assert ids == full_ids and encoded.prompt_tokens_cut == encoded.completion_tokens_cut == 0
+            continue
+        keep_c = cutoff if 2 * C < cutoff else cutoff - P if 2 * P < cutoff else cutoff * C // (P + C)
+        budget = cutoff - max(1, min(keep_c, C))  # at least one completion token
+        kept = ids[n:]
+        assert kept == completion[: len(kept)] and len(kept) == min(C, cutoff - n) >= 1
+        assert encoded.completion_tokens_cut == C - len(kept) and encoded.prompt_tokens_cut == P - n
+        if P <= budget:
+            assert ids[:n] == full_prompt
+        elif any(len(p) <= budget for p in prompts):
+            chosen = next(p for p in prompts if len(p) <= budget)
+            assert ids[:n] == chosen, f"cutoff_len {cutoff}: not the candidate with the most history that fits"
+        else:
+            shortest = prompts[-1]
+            bos = [shortest[0]] if shortest[0] == tokenizer.bos_token_id and budget >= 2 else []
+            assert ids[:n] == bos + shortest[len(shortest) - (budget - len(bos)):]
+        cases += 1
+    assert cases > 8
+
+
+def test_kto_keep_end_prompt_decodes_as_the_latest_turns(qwen_tokenizer):
+    template = get_template("qwen", qwen_tokenizer)
+    encoded = encode_example(kto(LONG_KTO, False), template, qwen_tokenizer, stage="kto", cutoff_len=120)
+    prompt, completion = decode(qwen_tokenizer, encoded.input_ids[: encoded.prompt_len]), decode(
+        qwen_tokenizer, encoded.input_ids[encoded.prompt_len :])
+    assert prompt.endswith("<|im_start|>user\nWhich of the two is larger, and by how much? Answer with numbers."
+                           "<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt.startswith("<|im_start|>system\nYou are a careful assistant"), "the system prompt fits: kept"
+    assert "Italy, its regions" not in prompt and "Iberian" not in prompt
+    assert completion.startswith("Spain is larger: about 506,000") and encoded.completion_tokens_cut > 0
 
 
 # --------------------------------------------------------------------------------------------------

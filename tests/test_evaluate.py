@@ -50,3 +50,23 @@ def test_eval_needs_an_adapter_and_held_out_data(tmp_path, tiny_model_dir):
         evaluate(config)
     with pytest.raises(UserError, match="eval_pattern.*not a valid regex"):
         evaluate(make_config(tmp_path, tiny_model_dir, stage="sft", eval_pattern="(", val_size=4))
+
+
+def test_eval_of_a_run_continued_from_chained_adapters_matches_training(tmp_path, tiny_model_dir):
+    """Training from `adapter_name_or_path: a1,a2` merges a1 into the base and continues a2; its reference
+    is that base. `prospect eval` with the same config evaluates the run's result on that same base."""
+    from prospect.evaluate import evaluate
+
+    first = make_config(tmp_path / "a1", tiny_model_dir, stage="sft", max_steps=3, learning_rate=2e-2)
+    second = make_config(tmp_path / "a2", tiny_model_dir, stage="sft", max_steps=3, learning_rate=2e-2, seed=3)
+    run(first), run(second)
+    config = make_config(tmp_path / "kto", tiny_model_dir, max_steps=2, eval_dataset="signoff_eval", eval_steps=2,
+                         adapter_name_or_path=f"{first.output_dir},{second.output_dir}")
+    run(config)
+    results = evaluate(config)
+    assert results["adapter"] == config.output_dir, "the run's result, not the adapters it started from"
+    in_training = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()
+                   if json.loads(line)["split"] == "eval"][-1]
+    assert abs(in_training["rewards/chosen"]) > 1e-3, "the continued adapter moved away from its reference"
+    for key in ("loss", "rewards/chosen", "logps/chosen", "rewards/accuracy", "kl"):
+        assert results["trained"][key] == pytest.approx(in_training[key], abs=1e-5), key

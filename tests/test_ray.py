@@ -344,15 +344,26 @@ def test_rerunning_after_the_driver_was_killed_resumes_and_skips_half_written_ch
 
 
 @pytest.mark.slow
-def test_kto_runs_on_two_workers_on_two_nodes(cluster, workdir, tiny_model_dir):
-    config = run_config(workdir, tiny_model_dir, "kto", stage="kto", placement_strategy="STRICT_SPREAD")
+def test_kto_runs_on_two_workers_on_two_nodes_and_continues_a_lost_reference_pass(cluster, workdir, tiny_model_dir):
+    """KTO across two nodes; rank 0 is killed during the reference pass, after its first save (16 of the 24
+    examples): the restarted group continues the pass (8 examples left, one batch per rank) and ends as a
+    one-process run with accumulation does."""
+    from prospect.train import train
+
+    config = run_config(workdir, tiny_model_dir, "kto", stage="kto", placement_strategy="STRICT_SPREAD",
+                        env={"PROSPECT_TEST_KILL_REFERENCE": "1"}, ray_max_failures=1)
     results = launch_with_helpers(config)
 
     records = read_records(workdir, "kto")
     assert len({r["node_id"] for r in records}) == 2, "STRICT_SPREAD puts one worker on each node"
+    assert (records_dir(workdir, "kto") / "reference-killed").is_file() and len(records) == 4, "one restart"
     assert results["world_size"] == 2 and results["num_steps"] == 6
-    assert results["reference_forward_passes"] > 0
+    assert results["reference_forward_passes"] == 2, "the restarted rank 0 computed only the 8 examples left"
+    single = run_config(workdir, tiny_model_dir, "kto-single", stage="kto", ray_num_workers=1,
+                        gradient_accumulation_steps=2)
+    assert train(single)["reference_forward_passes"] == 2 * 3  # 24 examples in batches of 8
     run = run_folder(config)
+    assert max_difference(adapter(run), adapter(Path(single.output_dir))) <= 1e-5
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
     assert lines[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # LoRA B starts at 0: policy = reference

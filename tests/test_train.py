@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -229,16 +230,33 @@ def test_full_fine_tuning_kto_changes_the_base_weights(tmp_path, tiny_model_dir,
     out = Path(config.output_dir)
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
     assert not base_weights_unchanged(spy_model[0], tiny_model_dir)
-    assert results["reference_forward_passes"] == 6
+    # 2 steps of 4 train on 8 of the 24 examples: the reference pass computes those 8 only (one batch of 8).
+    assert results["reference_forward_passes"] == 2
 
 
-def test_kto_eval_reports_rewards_and_sign_accuracy(tmp_path, tiny_model_dir):
-    config = make_config(tmp_path, tiny_model_dir, val_size=8, max_samples=32, max_steps=2, eval_steps=2)
+def test_kto_eval_rewards_and_sign_accuracy_match_a_plain_transformers_oracle(tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = make_config(tmp_path, tiny_model_dir, val_size=8, max_samples=32, max_steps=4, eval_steps=4,
+                         learning_rate=2e-2)
     run(config)
-    lines = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    evals = [line for line in lines if line["split"] == "eval"]
-    assert [line["step"] for line in evals] == [2]
-    assert 0 <= evals[0]["rewards/accuracy"] <= 1 and "rewards/margins" in evals[0] and evals[0]["loss"] > 0
+    [evaluation] = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()
+                    if json.loads(line)["split"] == "eval"]
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32),
+                                       config.output_dir).eval()
+    rows = prepared_rows(config, "eval")
+    rewards = [config.pref_beta * (hf_completion_logps(policy, r["input_ids"], r["prompt_len"])
+                                   - hf_completion_logps(base, r["input_ids"], r["prompt_len"])) for r in rows]
+    labels = [r["label"] for r in rows]
+    chosen = [reward for reward, label in zip(rewards, labels) if label]
+    rejected = [reward for reward, label in zip(rewards, labels) if not label]
+    accuracy = sum((reward > 0) == label for reward, label in zip(rewards, labels)) / len(rows)
+    assert chosen and rejected and max(abs(r) for r in rewards) > 1e-3, "4 steps at 2e-2 must move the rewards"
+    assert evaluation["rewards/accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    assert evaluation["rewards/chosen"] == pytest.approx(sum(chosen) / len(chosen), abs=1e-4)
+    assert evaluation["rewards/rejected"] == pytest.approx(sum(rejected) / len(rejected), abs=1e-4)
 
 
 def test_existing_output_dir_needs_overwrite_or_resume(tmp_path, tiny_model_dir):
@@ -309,16 +327,59 @@ def test_torch_compile_gives_the_same_update(tmp_path, tiny_model_dir, capsys, s
     assert logged(compiled.output_dir, "loss") == pytest.approx(logged(plain.output_dir, "loss"), abs=1e-5)
 
 
-def test_bf16_run_and_pref_ftx(tmp_path, tiny_model_dir):
+def hf_completion_logps(model, input_ids: list[int], prompt_len: int) -> float:
+    """Oracle: Σ log p(completion token | everything before it), by a plain transformers forward on one
+    unpacked row (no packing, no chunked head, no prospect code)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([input_ids])).logits[0].float()
+    logps = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(input_ids[1:])[:, None])[:, 0]
+    return float(logps[prompt_len - 1 :].sum())
+
+
+def prepared_rows(config, split: str = "train") -> list[dict]:
+    from prospect.data.pipeline import prepare_data
+    from prospect.model import load_tokenizer
+
+    data = prepare_data(config, load_tokenizer(config.model_name_or_path))
+    return list(getattr(data, split))
+
+
+def test_bf16_lora_kto_starts_at_zero_reward_and_pref_ftx_adds_the_token_nll(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
     bf16 = make_config(tmp_path / "bf16", tiny_model_dir, bf16=True, max_steps=2)
-    results = run(bf16)
-    assert results["num_steps"] == 2
-    assert all(0 < loss < 1 for loss in logged(bf16.output_dir, "loss"))
-    # pref_ftx adds an SFT term on desirable completions: the first step's loss grows by it.
-    ftx = make_config(tmp_path / "ftx", tiny_model_dir, pref_ftx=1.0, max_steps=1)
+    assert run(bf16)["num_steps"] == 2
+    # LoRA B starts at zero: at step 1 the policy is exactly the reference, in bf16 as in fp32.
+    assert logged(bf16.output_dir, "loss")[0] == pytest.approx(0.5, abs=1e-6)
+    assert logged(bf16.output_dir, "rewards/chosen")[0] == pytest.approx(0.0, abs=1e-6)
+    assert logged(bf16.output_dir, "loss")[1] != pytest.approx(0.5, abs=1e-6), "step 2 must have moved"
+
+    # pref_ftx adds λ·(mean token NLL of the completion) on desirable examples. One step over all 8
+    # examples, where the policy is the base model: the loss is the mean of 0.5 + λ·label·NLL, with the
+    # NLL from a plain transformers forward.
+    ftx = make_config(tmp_path / "ftx", tiny_model_dir, pref_ftx=0.7, max_steps=1, max_samples=8,
+                      per_device_train_batch_size=8)
     run(ftx)
-    loss = logged(ftx.output_dir, "loss")[0]
-    assert loss > 0.5 + 1.0  # 0.5 from KTO at step 1, plus a token NLL of a random model (> ln 49152 / 10)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    expected = []
+    for row in prepared_rows(ftx):
+        num_targets = len(row["input_ids"]) - row["prompt_len"]
+        nll = -hf_completion_logps(base, row["input_ids"], row["prompt_len"]) / num_targets
+        expected.append(0.5 + 0.7 * nll * row["label"])
+    assert logged(ftx.output_dir, "loss")[0] == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+
+
+def test_full_fine_tuning_kto_in_bf16_starts_at_zero_reward(tmp_path, smollm_tokenizer):
+    """The frozen reference copy must run under the policy's autocast: at step 1 they are the same model.
+    (Confident logits, so that a reference in fp32 against a policy in bf16 shows: rewards ~1e-2.)"""
+    from conftest import build_tiny_model_dir
+
+    model_dir = build_tiny_model_dir(tmp_path / "model", smollm_tokenizer, initializer_range=0.2)
+    config = make_config(tmp_path, model_dir, finetuning_type="full", bf16=True, max_steps=1, learning_rate=1e-4)
+    run(config)
+    for key in ("rewards/chosen", "rewards/rejected"):
+        assert logged(config.output_dir, key)[0] == pytest.approx(0.0, abs=1e-4), key
+    assert logged(config.output_dir, "loss")[0] == pytest.approx(0.5, abs=1e-4)
 
 
 def test_learning_rate_schedule_with_warmup(tmp_path, tiny_model_dir):
@@ -402,3 +463,204 @@ def test_kl_pass_on_cached_prompts_equals_whole_kl_pairs(tmp_path, tiny_model_di
         assert torch.allclose(targets, expected_targets, atol=1e-5, rtol=0)
         assert torch.allclose(kl, expected_kl, atol=1e-4, rtol=1e-6), (kl, expected_kl)
         assert float((kl - expected_kl).abs().max()) < 1e-3 * float(expected_kl.abs().max())
+
+
+# --------------------------------------------------------------------------------------------------
+# Data shapes the trainer must get right
+
+
+@pytest.mark.parametrize("truncation_mode", ["keep_end", "keep_start"])
+def test_kto_on_the_reference_data_with_dropped_examples_trains_to_the_end(tmp_path, tiny_qwen_dir, truncation_mode):
+    """The configuration that crashed (an example dropped at the end of the data left an empty row)."""
+    from conftest import DATA_DIR
+
+    config = make_config(tmp_path, tiny_qwen_dir, dataset="kto_en_demo", dataset_dir=str(DATA_DIR), template="qwen",
+                         cutoff_len=256, max_samples=16, per_device_train_batch_size=4, max_steps=-1,
+                         num_train_epochs=1, truncation_mode=truncation_mode, plot_loss=False)
+    results = run(config)
+    # keep_end keeps all 16 (their prompts are cut from the start); keep_start drops those whose prompt fills 256
+    assert results["num_examples"] == 16 if truncation_mode == "keep_end" else 0 < results["num_examples"] < 16
+    assert results["num_steps"] == math.ceil(results["num_examples"] / 4)
+    assert len(logged(config.output_dir, "loss")) == results["num_steps"]
+
+
+def _sft_records(count: int, long_at: set[int]) -> list[dict]:
+    long_question = "Please read this first. " * 80  # alone longer than cutoff_len: the record is dropped
+    return [{"instruction": long_question if i in long_at else f"What is {i} plus {i + 3}?", "input": "",
+             "output": f"{i} plus {i + 3} is {2 * i + 3}. — Prospect"} for i in range(count)]
+
+
+def test_dropped_examples_leave_the_training_unchanged(tmp_path, tiny_model_dir):
+    """SFT on 30 examples, and on the same 30 with 6 interleaved that are dropped (their question alone
+    exceeds cutoff_len), first and last included: the same steps, hence the same adapter."""
+    kept = _sft_records(30, set())
+    with_dropped = list(kept)
+    for position in (0, 7, 15, 22, 30, 35):  # positions in the final list of 36
+        with_dropped.insert(position, _sft_records(1, {0})[0])
+    runs = {}
+    for name, records in (("plain", kept), ("dropped", with_dropped)):
+        data_dir = tmp_path / name / "data"
+        data_dir.mkdir(parents=True)
+        (data_dir / "d.json").write_text(json.dumps(records))
+        (data_dir / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "d.json"}}))
+        runs[name] = make_config(tmp_path / name, tiny_model_dir, stage="sft", dataset="d", dataset_dir=str(data_dir),
+                                 cutoff_len=64, max_samples=None, max_steps=-1, num_train_epochs=1,
+                                 per_device_train_batch_size=4, gradient_accumulation_steps=2)
+        results = run(runs[name])
+        assert results["num_examples"] == 30
+    assert max_difference(adapter_weights(runs["plain"].output_dir), adapter_weights(runs["dropped"].output_dir)) == 0
+    assert logged(runs["plain"].output_dir, "loss") == logged(runs["dropped"].output_dir, "loss")
+
+
+# --------------------------------------------------------------------------------------------------
+# KTO reference log-probs: what they are computed for, saved as they go, recomputed when stale
+
+
+def reference_file(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "reference_logps.safetensors"))
+
+
+def test_the_reference_pass_covers_only_the_examples_the_run_trains_and_evaluates(tmp_path, tiny_model_dir):
+    config = make_config(tmp_path, tiny_model_dir, max_steps=2, val_size=5, max_samples=29)
+    results = run(config)
+    stored = reference_file(config.output_dir)
+    assert int(torch.isfinite(stored["train_logps"]).sum()) == 8, "2 steps of 4 train on 8 of the 24 examples"
+    assert int(torch.isfinite(stored["train_kl_logps"]).sum()) == 8
+    assert bool(torch.isfinite(stored["eval_logps"]).all()) and len(stored["eval_logps"]) == 5
+    assert results["reference_forward_passes"] == 2 * 2  # 8 train examples in one batch of 8, 5 eval in one
+
+
+def test_an_interrupted_reference_pass_is_continued_not_restarted(tmp_path, tiny_model_dir, monkeypatch):
+    import prospect.train
+
+    common = dict(max_steps=-1, num_train_epochs=1, per_device_eval_batch_size=4)
+    uninterrupted = make_config(tmp_path / "a", tiny_model_dir, **common)
+    assert run(uninterrupted)["reference_forward_passes"] == 12  # 24 examples in batches of 4, targets + KL
+
+    monkeypatch.setattr(prospect.train, "REFERENCE_SAVE_EVERY", 1)  # save after every batch
+    original, calls = prospect.train.compute_reference_logps, []
+
+    def crash_in_the_fourth_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("simulated crash")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(prospect.train, "compute_reference_logps", crash_in_the_fourth_batch)
+    interrupted = make_config(tmp_path / "b", tiny_model_dir, **common)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(interrupted)
+    assert int(torch.isfinite(reference_file(interrupted.output_dir)["train_logps"]).sum()) == 12
+    assert not list(Path(interrupted.output_dir).glob("checkpoint-*"))
+    monkeypatch.setattr(prospect.train, "compute_reference_logps", original)
+    resumed = run(make_config(tmp_path / "b", tiny_model_dir, **common, resume_from_checkpoint="true"))
+    assert resumed["reference_forward_passes"] == 6, "only the 12 examples left are computed"
+    assert torch.equal(reference_file(interrupted.output_dir)["train_logps"],
+                       reference_file(uninterrupted.output_dir)["train_logps"])
+    assert max_difference(adapter_weights(uninterrupted.output_dir), adapter_weights(interrupted.output_dir)) == 0
+
+
+@pytest.mark.parametrize("change", ["nothing", "cutoff_len", "seed", "template", "bf16", "data", "model",
+                                    "truncation_mode"])
+def test_a_change_of_any_reference_input_recomputes_the_reference(tmp_path, tiny_model_dir, smollm_tokenizer,
+                                                                  monkeypatch, change):
+    """A run that stopped during its reference pass is continued (resume_from_checkpoint: true) with one
+    input of the reference log-probs changed: nothing stored may be reused, and the result is that of a
+    fresh run with the new input."""
+    import shutil
+
+    import prospect.train
+    from conftest import build_tiny_model_dir
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(EXAMPLES_DATA, data_dir)
+    common = dict(max_steps=-1, num_train_epochs=1, per_device_eval_batch_size=4, dataset_dir=str(data_dir),
+                  cutoff_len=128, truncation_mode="keep_end")
+    monkeypatch.setattr(prospect.train, "REFERENCE_SAVE_EVERY", 1)
+    original = prospect.train.compute_reference_logps
+
+    def crash_after_the_second_batch(*args, calls=[], **kwargs):  # noqa: B006 (a counter kept across calls)
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(prospect.train, "compute_reference_logps", crash_after_the_second_batch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(make_config(tmp_path / "run", tiny_model_dir, **common))
+    monkeypatch.setattr(prospect.train, "compute_reference_logps", original)
+
+    changed = {"cutoff_len": {"cutoff_len": 40}, "seed": {"seed": 8}, "template": {"template": "chatml"},
+               "bf16": {"bf16": True}, "truncation_mode": {"truncation_mode": "keep_start", "cutoff_len": 40},
+               "model": {}, "data": {}, "nothing": {}}[change]
+    model_dir = tiny_model_dir
+    if change == "model":  # another model at another path
+        model_dir = build_tiny_model_dir(tmp_path / "other-model", smollm_tokenizer, seed=1)
+    if change == "data":  # the same file name, one answer edited
+        records = json.loads((data_dir / "signoff_kto.json").read_text())
+        records[0]["messages"][-1]["content"] += " Indeed."
+        (data_dir / "signoff_kto.json").write_text(json.dumps(records))
+    continued = run(make_config(tmp_path / "run", model_dir, **{**common, **changed}, resume_from_checkpoint="true"))
+    fresh_config = make_config(tmp_path / "fresh", model_dir, **{**common, **changed})
+    fresh = run(fresh_config)
+    if change == "nothing":  # the control: the 2 batches computed before the crash are reused
+        assert continued["reference_forward_passes"] == fresh["reference_forward_passes"] - 2 * 2
+    else:
+        assert continued["reference_forward_passes"] == fresh["reference_forward_passes"], "nothing stale reused"
+    assert torch.equal(reference_file(tmp_path / "run" / "out")["train_logps"],
+                       reference_file(fresh_config.output_dir)["train_logps"])
+
+
+@pytest.mark.parametrize("stage", ["kto", "sft"])
+def test_resuming_with_other_data_or_cutoff_is_refused(tmp_path, tiny_model_dir, stage):
+    first = make_config(tmp_path, tiny_model_dir, stage=stage, max_steps=4, save_steps=2, cutoff_len=128)
+    run(first)
+    shutil_rmtree(Path(first.output_dir) / "checkpoint-4")
+    for changed in ({"cutoff_len": 40}, {"template": "chatml"}):
+        with pytest.raises(UserError, match="resume_from_checkpoint: .* other settings"):
+            run(make_config(tmp_path, tiny_model_dir, stage=stage, max_steps=4, save_steps=2,
+                            **{"cutoff_len": 128, **changed}, resume_from_checkpoint="true"))
+
+
+def shutil_rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints are data, never code
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, tiny_model_dir):
+    import os
+
+    config = make_config(tmp_path, tiny_model_dir, stage="sft", max_steps=2, save_steps=2)
+    run(config)
+    checkpoint = Path(config.output_dir) / "checkpoint-2"
+    marker = tmp_path / "code-ran"
+
+    class Payload:  # what an attacker would plant in shared storage
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    state["planted"] = Payload()
+    torch.save(state, checkpoint / "optimizer.pt")
+    trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())  # sizes updated: a complete folder
+    trainer_state["files"]["optimizer.pt"] = (checkpoint / "optimizer.pt").stat().st_size
+    (checkpoint / "trainer_state.json").write_text(json.dumps(trainer_state))
+    with pytest.raises(UserError, match=r"optimizer.pt: holds more than tensors .*posix.system.*could run code"):
+        run(make_config(tmp_path, tiny_model_dir, stage="sft", max_steps=2, save_steps=2,
+                        resume_from_checkpoint=str(checkpoint)))
+    assert not marker.exists()
+
+
+def test_checkpoint_states_round_trip_without_pickle(tmp_path, tiny_model_dir):
+    """What prospect writes is read back with weights_only=True (the resume test shows it continues exactly)."""
+    config = make_config(tmp_path, tiny_model_dir, stage="kto", max_steps=1, save_steps=1)
+    run(config)
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state_0.pt"):
+        torch.load(Path(config.output_dir) / "checkpoint-1" / name, weights_only=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prospect.config import RunConfig
-from prospect.data.encode import DroppedExample, encode_example
+from prospect.data.encode import DroppedExample, EncodedExample, encode_example
 from prospect.data.example import Example
 from prospect.data.formats import load_examples
 from prospect.data.registry import DatasetSpec, resolve_datasets
@@ -28,7 +28,7 @@ from prospect.errors import UserError
 from prospect.model import cache_root
 
 # Bump when the encoded columns or the encoding rules change, so old caches are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -46,6 +46,8 @@ class DatasetReport:
     num_undesirable: int = 0
     token_lengths: list[int] = field(default_factory=list)  # kept examples, before cutoff_len
     num_truncated: int = 0
+    num_prompts_cut: int = 0  # KTO: truncation removed prompt tokens (earlier turns) ...
+    num_completions_cut: int = 0  # ... or the end of the completion
     num_trained_tokens: int = 0
 
 
@@ -103,7 +105,7 @@ def _encode_dataset(config: RunConfig, spec: DatasetSpec, split: str, template, 
     key = _cache_key(config, spec, template, tokenizer)
     folder = cache_root(config.cache_dir) / "tokenized" / f"{_safe(spec.name)}-{key}"
     report_file = folder / "report.json"
-    if folder.is_dir() and report_file.is_file() and not config.overwrite_cache:
+    if not config.overwrite_cache and folder.is_dir() and report_file.is_file():
         report = DatasetReport(**json.loads(report_file.read_text()))
         report.split = split
         return datasets.load_from_disk(str(folder / "dataset")), report
@@ -135,6 +137,7 @@ def _encode_dataset(config: RunConfig, spec: DatasetSpec, split: str, template, 
             "cutoff_len": config.cutoff_len,
             "train_on_prompt": config.train_on_prompt,
             "mask_history": config.mask_history,
+            "truncation_mode": config.truncation_mode,
         },
         new_fingerprint=key,  # hashing the tokenizer for datasets' own fingerprint is slow and unneeded
         desc=f"Tokenizing {spec.name}",
@@ -148,33 +151,38 @@ def _encode_dataset(config: RunConfig, spec: DatasetSpec, split: str, template, 
     return encoded, report
 
 
-def _encode_batch(batch, *, template, tokenizer, stage, cutoff_len, train_on_prompt, mask_history):
+# Columns of an encoded dataset. Besides the tokens, the per-example numbers the training loop needs are
+# written here, once, so the loop reads them through the dataset's own indexing (a split or a selection
+# of kept rows is an index mapping over the stored table: only indexing honours it).
+ENCODED_COLUMNS = ("input_ids", "labels", "prompt_len", "label", "num_tokens", "num_trained_targets",
+                   "num_tokens_before_cutoff", "prompt_tokens_cut", "completion_tokens_cut", "origin", "dropped",
+                   "error")
+
+
+def _encode_batch(batch, *, template, tokenizer, stage, cutoff_len, train_on_prompt, mask_history, truncation_mode):
     """`datasets.map` worker: encode a batch of examples; record errors instead of raising them,
     because an exception inside a worker process would lose its message."""
-    out = {k: [] for k in ("input_ids", "labels", "prompt_len", "label", "num_tokens_before_cutoff",
-                           "origin", "dropped", "error")}
+    out = {k: [] for k in ENCODED_COLUMNS}
     for text in batch["example"]:
         example = Example.from_json(text)
         try:
             result = encode_example(
                 example, template, tokenizer, stage=stage, cutoff_len=cutoff_len,
-                train_on_prompt=train_on_prompt, mask_history=mask_history,
+                train_on_prompt=train_on_prompt, mask_history=mask_history, truncation_mode=truncation_mode,
             )
             error = ""
         except UserError as err:
             result, error = None, str(err)
-        if isinstance(result, DroppedExample) or result is None:
-            out["input_ids"].append([])
-            out["labels"].append([])
-            out["prompt_len"].append(0)
-            out["num_tokens_before_cutoff"].append(result.num_tokens_before_cutoff if result else 0)
-            out["dropped"].append(result.reason.value if result else "")
-        else:
-            out["input_ids"].append(result.input_ids)
-            out["labels"].append(result.labels)
-            out["prompt_len"].append(result.prompt_len)
-            out["num_tokens_before_cutoff"].append(result.num_tokens_before_cutoff)
-            out["dropped"].append("")
+        kept = isinstance(result, EncodedExample)
+        out["input_ids"].append(result.input_ids if kept else [])
+        out["labels"].append(result.labels if kept else [])
+        out["prompt_len"].append(result.prompt_len if kept else 0)
+        out["num_tokens"].append(len(result.input_ids) if kept else 0)
+        out["num_trained_targets"].append(result.num_trained_targets if kept else 0)
+        out["num_tokens_before_cutoff"].append(result.num_tokens_before_cutoff if result is not None else 0)
+        out["prompt_tokens_cut"].append(result.prompt_tokens_cut if kept else 0)
+        out["completion_tokens_cut"].append(result.completion_tokens_cut if kept else 0)
+        out["dropped"].append(result.reason.value if isinstance(result, DroppedExample) else "")
         out["label"].append(example.label)
         out["origin"].append(example.origin)
         out["error"].append(error)
@@ -191,6 +199,8 @@ def _fill_report(report: DatasetReport, encoded, cutoff_len: int) -> None:
     report.num_undesirable = sum(1 for label in labels if label is False)
     report.token_lengths = list(kept["num_tokens_before_cutoff"])
     report.num_truncated = sum(1 for n in report.token_lengths if n > cutoff_len)
+    report.num_prompts_cut = sum(1 for n in kept["prompt_tokens_cut"] if n > 0)
+    report.num_completions_cut = sum(1 for n in kept["completion_tokens_cut"] if n > 0)
     report.num_trained_tokens = sum(sum(1 for t in row if t != -100) for row in kept["labels"])
 
 
@@ -241,6 +251,7 @@ def _cache_key(config: RunConfig, spec: DatasetSpec, template, tokenizer) -> str
         "max_samples": config.max_samples,
         "train_on_prompt": config.train_on_prompt,
         "mask_history": config.mask_history,
+        "truncation_mode": config.truncation_mode,
         "on_bad_record": config.on_bad_record,
     }
     h.update(json.dumps(parts, sort_keys=True, default=str).encode())

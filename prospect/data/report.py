@@ -72,7 +72,11 @@ def print_check(config: RunConfig, data, out=None) -> None:
         lengths = sorted(r.token_lengths)
         p(f"  tokens/example p50 {_percentile(lengths, 50)}, p90 {_percentile(lengths, 90)}, "
           f"p99 {_percentile(lengths, 99)}, max {lengths[-1] if lengths else 0}")
-        p(f"  truncated      {r.num_truncated} longer than cutoff_len {config.cutoff_len} (cut at the end)")
+        if config.stage == "kto" and config.truncation_mode == "keep_end":
+            p(f"  truncated      {r.num_truncated} longer than cutoff_len {config.cutoff_len}: {r.num_prompts_cut} "
+              f"prompts cut from the start (oldest turns first), {r.num_completions_cut} completions cut at the end")
+        else:
+            p(f"  truncated      {r.num_truncated} longer than cutoff_len {config.cutoff_len} (cut at the end)")
         p(f"  trained tokens {r.num_trained_tokens:,}")
         if r.skipped:
             p(f"  skipped        records {', '.join(str(origin).rsplit('#', 1)[-1] for origin, _ in r.skipped)}")
