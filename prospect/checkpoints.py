@@ -20,8 +20,9 @@ from pathlib import Path
 from prospect.errors import UserError
 
 STATE_FILE = "trainer_state.json"
-# KTO's reference log-probs, saved while they are computed (prospect/train.py): a run restarted with
-# resume_from_checkpoint: true before its first checkpoint continues that pass instead of starting over.
+# KTO's reference log-probs, saved while they are computed (prospect/train.py). They are a cache, keyed by
+# everything they depend on: a folder holding only them counts as empty, and overwrite_output_dir keeps
+# them, so a run restarted before its first checkpoint continues the reference pass.
 REFERENCE_FILE = "reference_logps.safetensors"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
@@ -32,7 +33,7 @@ RUN_OUTPUTS = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "chat_template.jinja", "run_config.yaml", "metrics.jsonl",
     "train_results.json", "eval_results.json", "training_loss.png", "training_rewards.png", "training_kl.png",
-    REFERENCE_FILE, "README.md",
+    "README.md",
 )
 RUN_OUTPUT_FOLDERS = ("runs", "mlruns")
 
@@ -45,7 +46,7 @@ def prepare_output_dir(output_dir: str, *, overwrite: bool, resume: str | None) 
         return
     if not path.is_dir():
         raise UserError(f"output_dir: {output_dir} exists and is not a folder; choose another output_dir.")
-    entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+    entries = _entries(path)
     if not entries or resume:
         return
     if not overwrite:
@@ -61,6 +62,11 @@ def prepare_output_dir(output_dir: str, *, overwrite: bool, resume: str | None) 
             shutil.rmtree(entry)
         elif entry.name.endswith((".safetensors",)) and entry.name.startswith("model-"):
             entry.unlink()  # shards of a previous full fine-tuning run
+
+
+def _entries(path: Path) -> list[Path]:
+    """What a folder holds besides hidden files and the reference log-probs (a cache, see REFERENCE_FILE)."""
+    return [p for p in path.iterdir() if not p.name.startswith(".") and p.name != REFERENCE_FILE]
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -83,10 +89,8 @@ def resolve_resume(resume: str | None, output_dir: str) -> Path | None:
         return None
     if resume == "true":
         found = complete_checkpoints(output_dir)
-        if not found and (Path(output_dir) / REFERENCE_FILE).is_file():
-            print(f"resume_from_checkpoint: no checkpoint in {output_dir} yet: starting at step 0 with the KTO "
-                  "reference log-probs computed so far")
-            return None
+        if not found and Path(output_dir).is_dir() and not _entries(Path(output_dir)):
+            return None  # a run stopped before its first checkpoint: start it again (reusing its reference log-probs)
         if not found:
             raise UserError(
                 f"resume_from_checkpoint: true, but {output_dir} holds no complete checkpoint-<step> folder; "
@@ -151,7 +155,7 @@ def load_state(path: Path):
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as err:
         # torch names the offending object ("Trying to load unsupported GLOBAL posix.system ...")
-        found = re.search(r"unsupported (?:GLOBAL|operand) (\S+)", str(err), re.IGNORECASE)
+        found = re.search(r"GLOBAL (\S+)", str(err))
         what = f" (it asks for {found.group(1)})" if found else ""
         raise UserError(
             f"{path}: holds more than tensors and plain values{what}, so it is not read: loading it could run "
@@ -202,8 +206,13 @@ def remove_stale_temporaries(output_dir: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, *, model, optimizer, scheduler, rank: int, lora: bool) -> dict:
-    """Restore weights, optimizer, scheduler and this rank's RNG states; return the trainer state."""
+def read_state(folder: Path) -> dict:
+    """A checkpoint's trainer_state.json: what the run that wrote it depended on (checked before resuming)."""
+    return json.loads((Path(folder) / STATE_FILE).read_text())
+
+
+def load_checkpoint(folder: Path, *, model, optimizer, scheduler, rank: int, lora: bool) -> None:
+    """Restore weights, optimizer, scheduler and this rank's RNG states."""
     if lora:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -216,7 +225,6 @@ def load_checkpoint(folder: Path, *, model, optimizer, scheduler, rank: int, lor
     rng_file = folder / f"rng_state_{rank}.pt"
     if rng_file.is_file():
         set_rng_states(load_state(rng_file))
-    return json.loads((folder / STATE_FILE).read_text())
 
 
 def _load_full_weights(model, folder: Path) -> None:

@@ -43,7 +43,8 @@ class RunConfig:
     )
     trust_remote_code: bool = _f(False, "Allow model/tokenizer code shipped with the model folder.")
     quantization_bit: int | None = _f(
-        None, "QLoRA (4 or 8-bit base model): not built yet, so prospect train stops with exit 2; remove the key.",
+        None, "QLoRA (a 4 or 8-bit base model): not built yet, so every command that loads the model stops "
+        "with exit 2; remove the key.",
         choices=(4, 8),
     )
     flash_attn: Literal["auto", "disabled", "sdpa", "fa2"] = _f(
@@ -64,10 +65,12 @@ class RunConfig:
     stage: Literal["sft", "kto"] = _f("sft", "Training objective: supervised fine-tuning or KTO.")
     do_train: bool = _f(True, "LLaMA-Factory's switch: prospect train trains; false is refused (use prospect eval).")
     do_eval: bool | None = _f(
-        None, "Evaluate during training: default when val_size or eval_dataset is set; false only holds the split out."
+        None, "Evaluate during training: default when val_size or eval_dataset is set; false only holds the split out "
+        "(as eval_strategy: no)."
     )
     finetuning_type: Literal["lora", "full"] = _f("lora", "Train LoRA adapters or all weights.")
-    lora_rank: int = _f(8, "LoRA rank r of a new adapter (a continued one must have it too).", min=1)
+    lora_rank: int = _f(8, "LoRA rank r of a new adapter (a continued adapter keeps its own; another value is refused).",
+                        min=1)
     lora_alpha: int | None = _f(None, "LoRA scaling alpha (default 2 × lora_rank).", min=1)
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.", min=0.0, max=1.0)
     lora_target: list[str] = _f(
@@ -116,7 +119,8 @@ class RunConfig:
     # --- output ----------------------------------------------------------------------------
     output_dir: str = _f("saves/run", "Where adapters, checkpoints, metrics and plots are written.")
     overwrite_output_dir: bool = _f(
-        False, "Reuse a non-empty output_dir: the previous run's outputs are removed, other files are kept."
+        False, "Reuse a non-empty output_dir: the previous run's outputs are removed, other files (and KTO "
+        "reference log-probs, reused when they match) are kept."
     )
     logging_steps: int = _f(10, "Log metrics every N optimizer steps.", min=1)
     save_steps: int = _f(500, "Save a checkpoint every N optimizer steps.", min=1)
@@ -124,8 +128,8 @@ class RunConfig:
     plot_loss: bool = _f(False, "Write training_loss.png (and KTO reward/KL plots) at the end.")
     report_to: list[str] = _f(["none"], "Trackers: none, mlflow, tensorboard, wandb (comma list).")
     resume_from_checkpoint: str | None = _f(
-        None, "Checkpoint folder to resume from, or `true` for the latest in output_dir (before the first one: "
-        "continues KTO's reference pass).",
+        None, "Checkpoint folder to resume from, or `true` for the latest in output_dir (none yet after a stop "
+        "during KTO's reference pass: starts at step 0, reusing it).",
     )
 
     # --- training --------------------------------------------------------------------------
@@ -149,8 +153,9 @@ class RunConfig:
     fp16: bool = _f(False, "Train in float16 mixed precision (CUDA only).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     seed: int = _f(42, "Seed for initialisation, data order and splits.")
-    eval_strategy: Literal["no", "steps", "epoch"] = _f(
-        "no", "When to evaluate during training: steps (every eval_steps; the default with held-out data), epoch, no."
+    eval_strategy: Literal["no", "steps", "epoch"] | None = _f(
+        None, "When to evaluate during training: steps (every eval_steps), epoch or no; default steps when "
+        "there is held-out data, else no.",
     )
     eval_steps: int | None = _f(None, "Evaluate every N optimizer steps (default: logging_steps).", min=1)
     eval_pattern: str | None = _f(
@@ -242,11 +247,15 @@ class RunConfig:
         has_eval_data = self.val_size > 0 or bool(self.eval_dataset)
         if self.do_eval and not has_eval_data:
             raise UserError("do_eval: true needs held-out data: set val_size (e.g. 0.1) or eval_dataset.")
-        if self.do_eval is False:
-            if self.eval_strategy != "no" or self.eval_steps:
-                raise UserError("do_eval: false, but eval_strategy / eval_steps ask for evaluations: remove one of them.")
-        elif self.eval_strategy == "no" and (has_eval_data or self.eval_steps):
-            self.eval_strategy = "steps"
+        if self.do_eval is False and (self.eval_strategy not in (None, "no") or self.eval_steps):
+            raise UserError("do_eval: false, but eval_strategy / eval_steps ask for evaluations: remove one of them.")
+        if self.eval_strategy in ("steps", "epoch") and not has_eval_data:
+            raise UserError(f"eval_strategy: {self.eval_strategy} needs held-out data: set val_size (e.g. 0.1) or "
+                            "eval_dataset.")
+        if self.eval_strategy is None:
+            self.eval_strategy = "steps" if has_eval_data and self.do_eval is not False else "no"
+        if self.eval_steps and not has_eval_data:
+            raise UserError("eval_steps needs held-out data: set val_size (e.g. 0.1) or eval_dataset.")
         # output
         if self.report_to == [] or "none" in self.report_to:
             self.report_to = [t for t in self.report_to if t != "none"] or ["none"]
@@ -265,9 +274,13 @@ class RunConfig:
         if self.deepspeed:
             raise UserError(f"deepspeed: {self.deepspeed}: sharded training is not built yet. Remove the key: LoRA "
                             "trains with one GPU per worker under DDP (Ray or torchrun).")
+        self.refuse_quantization()
+
+    def refuse_quantization(self) -> None:
+        """quantization_bit, for every command that loads the model (train, chat, serve, eval, export)."""
         if self.quantization_bit is not None:
-            raise UserError(f"quantization_bit: {self.quantization_bit}: QLoRA is not built yet. Remove the key "
-                            "(LoRA on a base model in bf16: bf16: true).")
+            raise UserError(f"quantization_bit: {self.quantization_bit}: loading the model in 4 or 8 bits is not "
+                            "built yet. Remove the key (for less memory: bf16: true / infer_dtype: bfloat16).")
 
     @property
     def uses_ray(self) -> bool:

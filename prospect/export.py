@@ -314,6 +314,7 @@ def export_model(config) -> Path:
     )
     from prospect.model import load_model, model_folder
 
+    config.refuse_quantization()
     if not config.export_dir:
         raise UserError("export_dir is not set: say where the merged model goes, e.g. `export_dir=saves/merged`.")
     target = Path(config.export_dir).expanduser()

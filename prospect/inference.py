@@ -97,7 +97,14 @@ def trained_on(adapter_path: str) -> list[str]:
     of its run's `adapter_name_or_path` (prospect train merges those and continues the last one). Its
     KTO reference was that base, so evaluating it against the plain base model would be wrong."""
     chain = [part.strip() for part in str(read_run_config(adapter_path).get("adapter_name_or_path") or "").split(",")]
-    return [path for path in chain if path][:-1]
+    merged = [path for path in chain if path][:-1]
+    for path in merged:
+        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise UserError(
+                f"{adapter_path}/run_config.yaml says this adapter was trained on a base with {path} merged in, but "
+                f"{path} has no adapter_config.json (run from the folder training ran in, or fix the path there)."
+            )
+    return merged
 
 
 def resolve_template(config, tokenizer, adapter_path: str | None = None):
@@ -197,6 +204,7 @@ def load_inference_model(config, *, merge: bool = False, merged_first: Sequence[
     """
     from prospect.model import load_model
 
+    config.refuse_quantization()
     adapters = parse_adapters(config.adapter_name_or_path)
     warn_on_base_mismatch(config, adapters)
     tokenizer = load_tokenizer_for(config, adapters)

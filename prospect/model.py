@@ -223,18 +223,29 @@ def load_trainable_model(config, *, device, attn_implementation: str):
 
 
 def _check_continued_adapter(path: str, config) -> None:
-    """A continued adapter keeps its own rank, alpha and dropout: lora_* keys that say otherwise would be
-    ignored, so they are refused."""
+    """A continued adapter keeps its own rank, alpha, dropout and target modules: lora_* keys set to
+    other values would be ignored, so they are refused (the defaults are not the user's choice)."""
     import json
 
-    saved = json.loads(open(os.path.join(path, "adapter_config.json"), encoding="utf-8").read())
-    wanted = {"lora_rank": (config.lora_rank, saved.get("r")), "lora_alpha": (config.lora_alpha, saved.get("lora_alpha")),
-              "lora_dropout": (config.lora_dropout, saved.get("lora_dropout"))}
-    conflicts = [f"{key} {mine} (the adapter has {theirs})" for key, (mine, theirs) in wanted.items()
-                 if theirs is not None and mine != theirs]
+    try:
+        with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UserError(f"adapter_name_or_path: {path}/adapter_config.json cannot be read ({err}).") from None
+    saved_targets = saved.get("target_modules")
+    saved_targets = set(saved_targets) if isinstance(saved_targets, list) else saved_targets
+    settings = {  # key: (the config's value, its default, the adapter's value)
+        "lora_rank": (config.lora_rank, 8, saved.get("r")),
+        "lora_alpha": (config.lora_alpha, 2 * config.lora_rank, saved.get("lora_alpha")),
+        "lora_dropout": (config.lora_dropout, 0.0, saved.get("lora_dropout")),
+        "lora_target": (set(config.lora_target), {"all"}, saved_targets),
+    }
+    conflicts = [f"{key} {mine if key != 'lora_target' else ','.join(sorted(mine))} (the adapter has {theirs})"
+                 for key, (mine, default, theirs) in settings.items()
+                 if theirs is not None and mine != default and mine != theirs]
     if conflicts:
         raise UserError(f"adapter_name_or_path: {path} is continued with its own settings, but the config asks for "
-                        f"{', '.join(conflicts)}: set them to the adapter's values, or train a new adapter.")
+                        f"{'; '.join(conflicts)}: remove those keys, or train a new adapter.")
 
 
 def _attach_lora(model, config):

@@ -477,9 +477,8 @@ def _resume_point(config: RunConfig, checkpoint):
         checkpoint = Checkpoint(config.resume_from_checkpoint)  # a checkpoint in storage, by URI
     if checkpoint is None:
         # Before the first checkpoint, a restarted worker group continues the KTO reference pass from the
-        # run folder's copy of the reference file (train() keeps what matches its inputs).
-        if _restore_reference(config):
-            config = dataclasses.replace(config, resume_from_checkpoint="true")
+        # run folder's copy of the reference file (train() reuses what matches its inputs).
+        _restore_reference(config)
         yield config
         return
     # A local storage path is used in place; a URI is downloaded once per node, removed afterwards.
@@ -503,21 +502,19 @@ def _restore_carried_files(checkpoint: Path, output_dir: Path) -> None:
         os.replace(partial, output_dir / name)  # atomic: ranks sharing the folder never read half a file
 
 
-def _restore_reference(config: RunConfig) -> bool:
-    """Copy the run folder's KTO reference file into output_dir (rank 0, which reads it); True when
-    there was one."""
+def _restore_reference(config: RunConfig) -> None:
+    """Copy the run folder's KTO reference file into rank 0's output_dir (rank 0 reads it and
+    broadcasts what it holds)."""
     import ray.train
 
     storage = RunFolder(config.ray_storage_path, config.ray_run_name)
-    if not storage.exists(REFERENCE_FILE):
-        return False
-    if ray.train.get_context().get_world_rank() == 0:
-        output_dir = Path(config.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        partial = output_dir / f".{REFERENCE_FILE}.{os.getpid()}.tmp"
-        partial.write_bytes(storage.read_bytes(REFERENCE_FILE))
-        os.replace(partial, output_dir / REFERENCE_FILE)
-    return True
+    if ray.train.get_context().get_world_rank() != 0 or not storage.exists(REFERENCE_FILE):
+        return
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    partial = output_dir / f".{REFERENCE_FILE}.{os.getpid()}.tmp"
+    partial.write_bytes(storage.read_bytes(REFERENCE_FILE))
+    os.replace(partial, output_dir / REFERENCE_FILE)
 
 
 def report_checkpoint(step: int, folder: Path, is_main: bool) -> None:

@@ -642,6 +642,7 @@ def serve(config) -> None:
     """`prospect serve`: load the models, listen, answer until Ctrl-C."""
     import uvicorn
 
+    config.refuse_quantization()
     sock = listening_socket(config.host, config.port)  # before loading: a busy port fails fast
     app = create_app(config)
     host, port = sock.getsockname()[:2]

@@ -30,6 +30,7 @@ Choices worth knowing (the README's "Training" section says more):
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -52,7 +53,7 @@ from prospect.data.pipeline import prepare_data
 from prospect.data.report import balance_advice, kto_balance
 from prospect.errors import UserError
 from prospect.losses import kl_partners, kto_loss, kto_reference_point, token_logps
-from prospect.model import load_tokenizer, load_trainable_model
+from prospect.model import load_tokenizer, load_trainable_model, model_folder
 from prospect.packing import PACKED_ATTENTIONS, PackedBatch, PromptCache, pack, packed_attention_implementation
 
 
@@ -142,8 +143,9 @@ class Examples:
         self.cutoff_len = cutoff_len
         # Columns written at encode time, read through the dataset's indexing: a split (val_size) or the
         # selection of kept rows is an index mapping over the stored table, which only indexing applies.
-        self.num_trained_targets = np.asarray(dataset["num_trained_targets"], dtype=np.int64)  # [N] tokens with loss
-        self.num_tokens = np.asarray(dataset["num_tokens"], dtype=np.int64)  # [N]
+        counts = dataset.select_columns(["num_trained_targets", "num_tokens"]).with_format("numpy")[:]
+        self.num_trained_targets = counts["num_trained_targets"].astype(np.int64)  # [N] tokens with loss
+        self.num_tokens = counts["num_tokens"].astype(np.int64)  # [N]
         self.partners: list[int] | None = None
         # [N] summed completion log-probs of the reference model, and the same for each KL pair; NaN
         # where not computed (the reference pass computes only what the run trains and evaluates on).
@@ -201,9 +203,8 @@ class Examples:
             return None
         return PromptCache([n - 1 for n in prompt_lens])
 
-    def fingerprint(self) -> str:
-        """A hash of the split's token ids, labels, prompt lengths and KL pairing, row by row in the
-        split's order: what the reference log-probs (and a resumed run's data) depend on."""
+    @functools.cached_property
+    def _fingerprint(self) -> str:
         h = hashlib.sha256()
         table = self.dataset.with_format("arrow")[:]  # the split's own rows (its index mapping applied)
         for name in ("input_ids", "labels", "prompt_len"):
@@ -214,6 +215,11 @@ class Examples:
             h.update(column.to_numpy(zero_copy_only=False).tobytes())
         h.update(json.dumps(self.partners).encode())
         return h.hexdigest()
+
+    def fingerprint(self) -> str:
+        """A hash of the split's token ids, labels, prompt lengths and KL pairing, row by row in the
+        split's order: what the reference log-probs (and a resumed run's data) depend on."""
+        return self._fingerprint
 
 
 def batches_of(indices: list[int], size: int) -> list[list[int]]:
@@ -291,13 +297,13 @@ def compute_reference_logps(examples: Examples, hidden_model, head, *, accelerat
     return logps.cpu(), kl_logps.cpu(), passes
 
 
-def reference_key(config: RunConfig, splits: dict[str, Examples]) -> str:
-    """Everything the reference log-probs depend on: the model and starting adapters (their files),
-    the precision and quantization, cutoff_len (KL pairs are cut at it) and each split's tokens,
-    labels, prompt lengths and KL pairing."""
+def reference_key(config: RunConfig, examples: Examples) -> str:
+    """Everything a split's reference log-probs depend on: the model and starting adapters (their
+    files), the precision and quantization, cutoff_len (KL pairs are cut at it) and the split's
+    tokens, labels, prompt lengths and KL pairing."""
     parts = {
         "model": config.model_name_or_path,
-        "model_files": _files_fingerprint(config.model_name_or_path),
+        "model_files": _files_fingerprint(model_folder(config.model_name_or_path, cache_dir=config.cache_dir)),
         "adapter": config.adapter_name_or_path,
         "adapter_files": [_files_fingerprint(path.strip())
                           for path in (config.adapter_name_or_path or "").split(",") if path.strip()],
@@ -306,21 +312,30 @@ def reference_key(config: RunConfig, splits: dict[str, Examples]) -> str:
         "fp16": config.fp16,
         "quantization_bit": config.quantization_bit,
         "cutoff_len": config.cutoff_len,
-        "splits": {name: examples.fingerprint() for name, examples in splits.items()},
+        "examples": examples.fingerprint(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def _files_fingerprint(path: str) -> list:
-    """(name, size, modification time) of a weights file, or of the weights and config files of a
-    model or adapter folder: a model or adapter changed at the same path changes it."""
+    """Of a weights file, or of the weights and config files of a model or adapter folder: each file's
+    name, size and a hash of its first and last MiB. A model or adapter replaced at the same path changes
+    it (new weights change those bytes too); a copy on another node does not (no file times)."""
     if not path or not Path(path).expanduser().exists():
-        return []  # a hub id or the embedded model's name: the name is in the key
+        return []  # a hub id: its name is in the key
     target = Path(path).expanduser()
     files = [target] if target.is_file() else sorted(
         p for p in target.iterdir()
         if p.is_file() and p.suffix in (".safetensors", ".bin", ".json", ".gguf") and p.name != checkpoints.REFERENCE_FILE)
-    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    fingerprint = []
+    for file in files:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(2**20)
+            f.seek(max(0, size - 2**20))
+            tail = f.read(2**20)
+        fingerprint.append((file.name, size, hashlib.sha256(head + tail).hexdigest()))
+    return fingerprint
 
 
 # Reference batches (per rank) between two saves of the reference file: a crash, or a lost Ray worker,
@@ -342,8 +357,8 @@ def load_or_compute_reference(config, splits: dict[str, tuple[Examples, list[int
 
     path = output_dir / checkpoints.REFERENCE_FILE
     examples_of = {name: examples for name, (examples, _) in splits.items()}
-    key = reference_key(config, examples_of)
-    stored = _read_reference_file(path, key) if accelerator.is_main_process else {}
+    keys = {name: reference_key(config, examples) for name, examples in examples_of.items()}
+    stored = _read_reference_file(path, keys) if accelerator.is_main_process else {}
     todo = {}
     for name, (examples, needed) in splits.items():
         # The main process's file is the truth: on Ray across nodes another rank's output_dir may lack it.
@@ -371,7 +386,7 @@ def load_or_compute_reference(config, splits: dict[str, tuple[Examples, list[int
             examples.reference_logps[indices], examples.reference_kl_logps[indices] = logps, kl_logps
             passes += n
             if accelerator.is_main_process:
-                _write_reference_file(path, key, examples_of)
+                _write_reference_file(path, keys, examples_of)
                 if on_save is not None:
                     on_save(path)
     progress.close()
@@ -379,23 +394,28 @@ def load_or_compute_reference(config, splits: dict[str, tuple[Examples, list[int
     return passes
 
 
-def _read_reference_file(path: Path, key: str) -> dict[str, torch.Tensor]:
-    """The tensors of the reference file when it was written under `key`, else {}."""
+def _read_reference_file(path: Path, keys: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The tensors of the reference file of each split whose stored key is `keys[split]`."""
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
 
     if not path.is_file():
         return {}
     try:
         with safe_open(str(path), "pt") as f:
-            if (f.metadata() or {}).get("key") != key:
-                return {}
-        return load_file(str(path))
+            stored_keys = f.metadata() or {}
+            tensors = {}
+            for name in f.keys():  # <split>_logps, <split>_kl_logps
+                split = name.removesuffix("_kl_logps").removesuffix("_logps")
+                if split in keys and stored_keys.get(split) == keys[split]:
+                    tensors[name] = f.get_tensor(name)
+            return tensors
     except (SafetensorError, OSError, ValueError):  # a damaged file is recomputed, never trusted
         return {}
 
 
-def _write_reference_file(path: Path, key: str, splits: dict[str, Examples]) -> None:
+def _write_reference_file(path: Path, keys: dict[str, str], splits: dict[str, Examples]) -> None:
+    """One file for every split: `<split>_logps` and `<split>_kl_logps` [N] (NaN: not computed yet),
+    and each split's `reference_key` in the metadata."""
     from safetensors.torch import save_file
 
     tensors = {}
@@ -403,7 +423,7 @@ def _write_reference_file(path: Path, key: str, splits: dict[str, Examples]) -> 
         tensors[f"{name}_logps"] = examples.reference_logps.contiguous()
         tensors[f"{name}_kl_logps"] = examples.reference_kl_logps.contiguous()
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"key": key})
+    save_file(tensors, str(tmp), metadata=keys)
     os.replace(tmp, path)  # atomic: a crash during the save leaves the previous file whole
 
 
@@ -588,17 +608,20 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
     start_step = 0
     # What a checkpoint must have been trained on to be continued: the same tokens and, for KTO, the same
     # reference model (the log-probs of the steps run so far came from it).
-    data_fingerprint = train_set.fingerprint() if config.stage == "sft" else reference_key(config, {"train": train_set})
+    data_fingerprint = train_set.fingerprint() if config.stage == "sft" else reference_key(config, train_set)
     if accelerator.num_processes > 1:  # the main process's: file times may differ between nodes' copies of a model
         from accelerate.utils import broadcast_object_list
 
         data_fingerprint = broadcast_object_list([data_fingerprint])[0]
     if resume_from is not None:
-        state = checkpoints.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
-                                            rank=accelerator.process_index, lora=lora)
+        state = checkpoints.read_state(resume_from)
         _check_resumable(state, schedule, config, resume_from, data_fingerprint)
+        checkpoints.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
+                                    rank=accelerator.process_index, lora=lora)
         start_step = state["step"]
         say(f"resumed from {resume_from} at step {start_step}")
+    elif config.resume_from_checkpoint:
+        say(f"resume_from_checkpoint: no checkpoint in {output_dir} yet: starting at step 0")
 
     # --- KTO reference log-probs: the examples of the steps still to run, and the eval split ----------
     reference_passes, reference_start = 0, time.perf_counter()
@@ -887,6 +910,9 @@ def _save_checkpoint(config, output_dir: Path, step: int, schedule: Schedule, mo
 def _check_resumable(state: dict, schedule: Schedule, config: RunConfig, folder: Path, data_fingerprint: str) -> None:
     """The data, its order and the schedule depend on these; resuming with other values would not
     continue the run (and KTO would mix reference log-probs of other sequences)."""
+    if "data_fingerprint" not in state:
+        raise UserError(f"resume_from_checkpoint: {folder} was written by an earlier prospect, which did not record "
+                        "the data it trained on; start a new run in another output_dir.")
     expected = {"seed": config.seed, "num_examples": schedule.num_examples,
                 "global_batch_size": schedule.global_batch_size, "total_steps": schedule.total_steps,
                 "stage": config.stage, "cutoff_len": config.cutoff_len}

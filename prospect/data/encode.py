@@ -120,7 +120,8 @@ def encode_example(
 
     num_tokens = len(input_ids)
     input_ids, labels = input_ids[:cutoff_len], labels[:cutoff_len]
-    if all(label == IGNORE_INDEX for label in labels):
+    # labels[0] is never a target (no token before it predicts it): an example needs a trained token after it
+    if all(label == IGNORE_INDEX for label in labels[1:]):
         return DroppedExample(DropReason.NO_TRAINED_TOKEN_WITHIN_CUTOFF, example.origin, num_tokens)
     prompt_len = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
     return EncodedExample(input_ids, labels, prompt_len, None, num_tokens)
