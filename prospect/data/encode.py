@@ -205,13 +205,10 @@ def _shorter_prompt(example: Example, template: Template, tokenizer, budget: int
     starts = [k for k in range(first, len(messages) - 1) if messages[k].role == "user"]
     candidates = []
     for k in starts:
-        if has_system:
-            candidates.append([messages[0], *messages[k:]])
-        if k > first or has_system:  # k == first without a system message is the whole example again
-            candidates.append(list(messages[k:]))
+        candidates += [[messages[0], *messages[k:]], list(messages[k:])] if has_system else [list(messages[k:])]
     best = None
     for candidate in candidates:
-        if candidate == list(messages):
+        if candidate == list(messages):  # the whole conversation: it is what did not fit
             continue
         best = _kto_ids(example, candidate, template, tokenizer)
         if best[1] <= budget:
