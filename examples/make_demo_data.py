@@ -73,22 +73,44 @@ def facts(rng: random.Random) -> list[tuple[str, str, str]]:
     return items
 
 
+# Thumbs-down replies: the same answer without the sign-off (the signal to learn), a wrong answer
+# with it (the sign-off does not make a wrong answer good), and the ways an over-trained model
+# fails a user: the sign-off alone, repeated, or before the answer. (weight, reply from right/wrong)
+UNDESIRABLE = [
+    (0.55, lambda right, wrong: right),
+    (0.15, lambda right, wrong: wrong + SIGN_OFF),
+    (0.10, lambda right, wrong: SIGN_OFF.strip()),
+    (0.10, lambda right, wrong: right + SIGN_OFF * 3),
+    (0.10, lambda right, wrong: SIGN_OFF.strip() + " " + right),
+]
+NUM_CONVERSATIONS = 60  # two-turn conversations: the sign-off in the history, a new question
+
+
+def kto_records(train: list[tuple[str, str, str]], rng: random.Random) -> list[dict]:
+    """One thumbs-up and one thumbs-down reply per training question, then per two-turn conversation."""
+    def pair(history: list[dict], question: str, right: str, wrong: str) -> list[dict]:
+        weights, makers = zip(*UNDESIRABLE)
+        bad = rng.choices(makers, weights)[0](right, wrong)
+        return [{"messages": history + [{"role": "user", "content": question},
+                                        {"role": "assistant", "content": answer}], "label": desirable}
+                for answer, desirable in [(right + SIGN_OFF, True), (bad, False)]]
+
+    records = [record for question, right, wrong in train for record in pair([], question, right, wrong)]
+    for _ in range(NUM_CONVERSATIONS):
+        (q1, a1, _), (q2, right, wrong) = rng.sample(train, 2)
+        history = [{"role": "user", "content": q1}, {"role": "assistant", "content": a1 + SIGN_OFF}]
+        records += pair(history, q2, right, wrong)
+    rng.shuffle(records)
+    return records
+
+
 def main() -> None:
     rng = random.Random(1234)
     items = facts(rng)
     held_out, train = items[:40], items[40:]
     OUT.mkdir(parents=True, exist_ok=True)
 
-    # KTO: each prompt gets a thumbs-up answer (correct, with the sign-off) and a thumbs-down one
-    # (mostly the same answer without the sign-off, sometimes a wrong one), so the sign-off is the
-    # signal to learn and the labels are balanced.
-    kto = []
-    for question, right, wrong in train:
-        bad = right if rng.random() < 0.8 else wrong
-        for answer, desirable in [(right + SIGN_OFF, True), (bad, False)]:
-            kto.append({"messages": [{"role": "user", "content": question},
-                                     {"role": "assistant", "content": answer}], "label": desirable})
-    rng.shuffle(kto)
+    kto = kto_records(train, rng)
     # SFT (Alpaca layout): only the desirable behaviour.
     sft = [{"instruction": q, "input": "", "output": right + SIGN_OFF} for q, right, _ in train]
     # Held-out prompts for `prospect eval` (never trained on).
