@@ -136,21 +136,21 @@ def run_prospect(spec: dict, clock: StepClock) -> dict:
     import prospect.train
     from prospect import tracking
     from prospect.config import build_config
+    from prospect.objectives.kto import KTO
+    from prospect.objectives.sft import SFT
 
     def load_model(name_or_path, *, dtype=None, attn_implementation=None, **_):  # no checkpoint: random weights
         return random_model(name_or_path, dtype=dtype or torch.float32, device=spec["device"],
                             attn_implementation=attn_implementation, tiny=spec["tiny"])
 
     prospect.model.load_model = load_model
-    for name in ("_kto_step", "_sft_step"):  # per-step trained tokens; the step's end is logged right after
-        original = getattr(prospect.train, name)
-
-        def counted(*args, _original=original, **kwargs):
+    for objective in (KTO, SFT):  # per-step trained tokens; the step's end is logged right after
+        def counted(*args, _original=objective.step, **kwargs):
             sums = _original(*args, **kwargs)
             clock.trained_tokens.append(int(sums["trained_tokens"]))
             return sums
 
-        setattr(prospect.train, name, counted)
+        objective.step = counted
     original_log = tracking.Tracker.log
 
     def timed_log(self, step, metrics, split="train", epoch=None):  # logging_steps 1: after every optimizer step

@@ -157,7 +157,7 @@ def select_examples(stage: str, n: int, cutoff: int, template: str, model: str, 
 
 
 def epoch0_order(n: int) -> list[int]:
-    """The order in which prospect's first epoch visits the examples (prospect.train.step_examples)."""
+    """The order in which prospect's first epoch visits the examples (prospect.batching.step_examples)."""
     import random
 
     order = list(range(n))

@@ -38,7 +38,7 @@ def main() -> None:
     from prospect.losses import token_logps
     from prospect.model import load_trainable_model, model_folder
     from prospect.packing import pack, packed_attention_implementation
-    from prospect.train import HiddenStates
+    from prospect.forward import HiddenStates
 
     torch.set_num_threads(2)
     config = build_config(dict(stage="sft", model_name_or_path=model_folder(bench.EMBEDDED), dataset=["unused"],

@@ -95,8 +95,13 @@ def main() -> None:
     import accelerate
     import accelerate.optimizer
 
+    import prospect.batching
+    import prospect.forward
+    import prospect.objectives.kto
     import prospect.train as T
     from prospect import tracking
+    from prospect.objectives.kto import KTO
+    from prospect.objectives.sft import SFT
     from prospect.config import build_config
     from prospect.model import model_folder
 
@@ -121,15 +126,16 @@ def main() -> None:
             return "reference: log-probs"
         return "log-probs (token_logps, grad)" if grad() else "KL pass: log-probs (no grad)"
 
-    T.HiddenStates.forward = timers.wrap(T.HiddenStates.forward, forward_label)
-    T.token_logps = timers.wrap(T.token_logps, logps_label)
-    T.Examples.targets = timers.wrap(T.Examples.targets, "data/packing")
-    T.Examples.kl_pairs = timers.wrap(T.Examples.kl_pairs, "data/packing")
-    T.Examples.kl_continuations = timers.wrap(T.Examples.kl_continuations, "data/packing")
-    T.Examples.labels = timers.wrap(T.Examples.labels, "data/packing")
-    T.kto_loss = timers.wrap(T.kto_loss, "loss")
+    Examples = prospect.batching.Examples
+    prospect.forward.HiddenStates.forward = timers.wrap(prospect.forward.HiddenStates.forward, forward_label)
+    prospect.forward.token_logps = timers.wrap(prospect.forward.token_logps, logps_label)
+    Examples.targets = timers.wrap(Examples.targets, "data/packing")
+    Examples.kl_pairs = timers.wrap(Examples.kl_pairs, "data/packing")
+    Examples.kl_continuations = timers.wrap(Examples.kl_continuations, "data/packing")
+    Examples.labels = timers.wrap(Examples.labels, "data/packing")
+    prospect.objectives.kto.kto_loss = timers.wrap(prospect.objectives.kto.kto_loss, "loss")
     if args.no_prompt_cache:
-        T.Examples.prompt_cache = lambda self, indices, hidden_model: None
+        Examples.prompt_cache = lambda self, indices, hidden_model: None
     accelerate.Accelerator.backward = timers.wrap(accelerate.Accelerator.backward, "backward")
     accelerate.Accelerator.clip_grad_norm_ = timers.wrap(accelerate.Accelerator.clip_grad_norm_, "optimizer")
     accelerate.optimizer.AcceleratedOptimizer.step = timers.wrap(accelerate.optimizer.AcceleratedOptimizer.step,
@@ -137,7 +143,7 @@ def main() -> None:
     accelerate.optimizer.AcceleratedOptimizer.zero_grad = timers.wrap(
         accelerate.optimizer.AcceleratedOptimizer.zero_grad, "optimizer")
 
-    original_reference = T.load_or_compute_reference
+    original_reference = prospect.objectives.kto.load_or_compute_reference
     reference_seconds = {}
 
     def timed_reference(*a, **k):
@@ -150,12 +156,13 @@ def main() -> None:
             reference_seconds.update(timers.take())
             phase["name"] = "step"
 
-    T.load_or_compute_reference = timed_reference
+    prospect.objectives.kto.load_or_compute_reference = timed_reference
 
     step_records = []
     step_start = {"t": None}
     profiler = {"p": None}
-    original_step = T._kto_step if args.stage == "kto" else T._sft_step
+    objective = KTO if args.stage == "kto" else SFT
+    original_step = objective.step
 
     def timed_step(*a, **k):
         phase["name"] = "step"
@@ -167,10 +174,7 @@ def main() -> None:
             profiler["p"].__enter__()
         return original_step(*a, **k)
 
-    if args.stage == "kto":
-        T._kto_step = timers.wrap(timed_step, "step-body")
-    else:
-        T._sft_step = timers.wrap(timed_step, "step-body")
+    objective.step = timers.wrap(timed_step, "step-body")
     original_log = tracking.Tracker.log
 
     def timed_log(self, step, metrics, split="train", epoch=None):

@@ -6,7 +6,7 @@
   run started from a chain of adapters is evaluated on the base that run trained on: the chain's
   earlier adapters merged in (`inference.trained_on`), so the base row and the KTO reference are
   training's own.
-- Loss metrics are training's own (`train.evaluate_split`): SFT, the mean token NLL of the replies,
+- Loss metrics are training's own (the objective's `evaluate`, `prospect/objectives`): SFT, the mean token NLL of the replies,
   base model vs trained; KTO, the loss, the rewards and `rewards/accuracy`, the share of examples
   whose implied reward has their label's sign (the base model is the reference, so its rewards are
   0 by definition and only the trained row is shown).
@@ -55,8 +55,11 @@ def evaluate(config: RunConfig) -> dict:
 
     from prospect.data.pipeline import prepare_data
     from prospect.inference import Generated, generate_batch, load_inference_model, stop_token_ids, trained_on
+    from prospect.batching import Examples
+    from prospect.forward import HiddenStates
+    from prospect.objectives import objective_for
     from prospect.packing import packed_attention_implementation
-    from prospect.train import Examples, HiddenStates, compute_reference_logps, evaluate_split
+    from prospect.reference import reference_model
 
     adapter = _adapter_to_evaluate(config)
     if not os.path.isfile(os.path.join(adapter.split(",")[-1].split("=")[-1], "adapter_config.json")):
@@ -87,15 +90,13 @@ def evaluate(config: RunConfig) -> dict:
     hidden = HiddenStates(model)
     head = hidden.causal_lm().get_output_embeddings()
     results: dict = {"adapter": adapter, "num_examples": len(examples)}
-    if config.stage == "kto":
+    objective = objective_for(config)
+    objective.prepare({"eval": (examples, list(range(len(examples))))},  # KTO: the base model's log-probs
+                      lambda: reference_model(hidden, None, accelerator), accelerator=accelerator)
+    if objective.base_row:
         with model.disable_adapter():
-            examples.reference_logps, examples.reference_kl_logps, _ = compute_reference_logps(
-                examples, hidden, head, accelerator=accelerator, batch_size=config.per_device_eval_batch_size)
-        results["trained"] = evaluate_split(config, examples, hidden, head, accelerator)
-    else:
-        with model.disable_adapter():
-            results["base"] = evaluate_split(config, examples, hidden, head, accelerator)
-        results["trained"] = evaluate_split(config, examples, hidden, head, accelerator)
+            results["base"] = objective.evaluate(examples, hidden, head, accelerator)
+    results["trained"] = objective.evaluate(examples, hidden, head, accelerator)
     model.set_attn_implementation("sdpa")  # generation runs on padded batches with a KV cache
 
     # --- behaviour and damage: greedy replies, base model vs trained -------------------------------

@@ -75,9 +75,9 @@ def _kill_after_reference_saves(saves: int, rank: int, marker: Path) -> None:
     them reached the run folder, taking its local copy with it: a node lost during the reference pass,
     before any checkpoint (only the run folder's copy can continue the pass)."""
     import prospect.ray_launch
-    import prospect.train
+    import prospect.reference
 
-    prospect.train.REFERENCE_SAVE_EVERY = 1
+    prospect.reference.REFERENCE_SAVE_EVERY = 1
     if rank != 0 or marker.exists():
         return
     upload, done = prospect.ray_launch.RunFolder.upload, []

@@ -76,7 +76,7 @@ case = st.fixed_dictionaries({
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=case)
 def test_step_normalisers_count_the_packed_rows(case, smollm_dir, smollm_tokenizer):
-    from prospect.train import Examples, IGNORE_INDEX, plan_schedule, rank_micro_batches, step_examples
+    from prospect.batching import IGNORE_INDEX, Examples, plan_schedule, rank_micro_batches, step_examples
 
     rng = random.Random(case["seed"])
     stage = case["stage"]

@@ -132,7 +132,7 @@ def test_saved_adapter_loads_with_plain_peft_and_matches_training_logits(tmp_pat
 
     from prospect.losses import token_logps
     from prospect.packing import pack
-    from prospect.train import HiddenStates
+    from prospect.forward import HiddenStates
 
     config = make_config(tmp_path, tiny_model_dir, stage="sft", max_steps=3)
     run(config)
@@ -150,11 +150,11 @@ def test_saved_adapter_loads_with_plain_peft_and_matches_training_logits(tmp_pat
 
 
 def test_reference_logps_are_computed_once_and_reused(tmp_path, tiny_model_dir, monkeypatch):
-    import prospect.train
+    import prospect.reference
 
     calls = []
-    original = prospect.train.compute_reference_logps
-    monkeypatch.setattr(prospect.train, "compute_reference_logps",
+    original = prospect.reference.compute_reference_logps
+    monkeypatch.setattr(prospect.reference, "compute_reference_logps",
                         lambda *a, **k: calls.append(1) or original(*a, **k))
     # 24 examples, batch 4: an epoch is 6 steps; 12 steps run two epochs on one reference pass.
     config = make_config(tmp_path, tiny_model_dir, max_steps=-1, num_train_epochs=2, save_steps=6)
@@ -170,14 +170,15 @@ def test_reference_logps_are_computed_once_and_reused(tmp_path, tiny_model_dir, 
 
 @pytest.mark.parametrize("stage", ["kto", "sft"])
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_model_dir, monkeypatch, stage):
-    import prospect.train
+    from prospect.objectives.kto import KTO
+    from prospect.objectives.sft import SFT
 
     overrides = dict(stage=stage, max_steps=6, save_steps=2, lora_dropout=0.1, per_device_train_batch_size=3)
     uninterrupted = make_config(tmp_path / "a", tiny_model_dir, **overrides)
     run(uninterrupted)
 
-    step_function = "_kto_step" if stage == "kto" else "_sft_step"
-    original, calls = getattr(prospect.train, step_function), []
+    objective = KTO if stage == "kto" else SFT
+    original, calls = objective.step, []
 
     def crash_in_step_five(*args, **kwargs):
         calls.append(1)
@@ -185,12 +186,12 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_model_d
             raise RuntimeError("simulated crash")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(prospect.train, step_function, crash_in_step_five)
+    monkeypatch.setattr(objective, "step", crash_in_step_five)
     interrupted = make_config(tmp_path / "b", tiny_model_dir, **overrides)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(interrupted)
     assert sorted(p.name for p in Path(interrupted.output_dir).glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    monkeypatch.setattr(prospect.train, step_function, original)
+    monkeypatch.setattr(objective, "step", original)
     resumed = run(make_config(tmp_path / "b", tiny_model_dir, **overrides, resume_from_checkpoint="true"))
 
     assert resumed["resumed_from_step"] == 4
@@ -437,7 +438,8 @@ def test_kl_pass_on_cached_prompts_equals_whole_kl_pairs(tmp_path, tiny_model_di
     from prospect.data.pipeline import prepare_data
     from prospect.model import load_tokenizer, load_trainable_model
     from prospect.packing import packed_attention_implementation
-    from prospect.train import Examples, HiddenStates, sequence_logps
+    from prospect.batching import Examples
+    from prospect.forward import HiddenStates, sequence_logps
 
     config = make_config(tmp_path, tiny_model_dir, cutoff_len=cutoff_len)
     examples = Examples(prepare_data(config, load_tokenizer(config.model_name_or_path)).train, stage="kto",
@@ -540,14 +542,14 @@ def test_the_reference_pass_covers_only_the_examples_the_run_trains_and_evaluate
 
 
 def test_an_interrupted_reference_pass_is_continued_not_restarted(tmp_path, tiny_model_dir, monkeypatch):
-    import prospect.train
+    import prospect.reference
 
     common = dict(max_steps=-1, num_train_epochs=1, per_device_eval_batch_size=4)
     uninterrupted = make_config(tmp_path / "a", tiny_model_dir, **common)
     assert run(uninterrupted)["reference_forward_passes"] == 12  # 24 examples in batches of 4, targets + KL
 
-    monkeypatch.setattr(prospect.train, "REFERENCE_SAVE_EVERY", 1)  # save after every batch
-    original, calls = prospect.train.compute_reference_logps, []
+    monkeypatch.setattr(prospect.reference, "REFERENCE_SAVE_EVERY", 1)  # save after every batch
+    original, calls = prospect.reference.compute_reference_logps, []
 
     def crash_in_the_fourth_batch(*args, **kwargs):
         calls.append(1)
@@ -555,13 +557,13 @@ def test_an_interrupted_reference_pass_is_continued_not_restarted(tmp_path, tiny
             raise RuntimeError("simulated crash")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(prospect.train, "compute_reference_logps", crash_in_the_fourth_batch)
+    monkeypatch.setattr(prospect.reference, "compute_reference_logps", crash_in_the_fourth_batch)
     interrupted = make_config(tmp_path / "b", tiny_model_dir, **common)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(interrupted)
     assert int(torch.isfinite(reference_file(interrupted.output_dir)["train_logps"]).sum()) == 12
     assert not list(Path(interrupted.output_dir).glob("checkpoint-*"))
-    monkeypatch.setattr(prospect.train, "compute_reference_logps", original)
+    monkeypatch.setattr(prospect.reference, "compute_reference_logps", original)
     resumed = run(make_config(tmp_path / "b", tiny_model_dir, **common, resume_from_checkpoint="true"))
     assert resumed["reference_forward_passes"] == 6, "only the 12 examples left are computed"
     assert torch.equal(reference_file(interrupted.output_dir)["train_logps"],
@@ -588,7 +590,7 @@ def test_a_change_of_any_reference_input_recomputes_the_reference(tmp_path, smol
     """A run that stopped during its reference pass is run again (the same command: output_dir holds only
     the reference file) with one input of the reference log-probs changed: nothing stored may be reused,
     and the result is that of a fresh run with the new input."""
-    import prospect.train
+    import prospect.reference
     from conftest import build_tiny_model_dir
 
     data_dir = tmp_path / "data"
@@ -597,8 +599,8 @@ def test_a_change_of_any_reference_input_recomputes_the_reference(tmp_path, smol
     before, after = REFERENCE_INPUT_CHANGES[change]
     common = dict(max_steps=-1, num_train_epochs=1, per_device_eval_batch_size=4, dataset_dir=str(data_dir),
                   cutoff_len=128, plot_loss=False)
-    monkeypatch.setattr(prospect.train, "REFERENCE_SAVE_EVERY", 1)
-    original = prospect.train.compute_reference_logps
+    monkeypatch.setattr(prospect.reference, "REFERENCE_SAVE_EVERY", 1)
+    original = prospect.reference.compute_reference_logps
 
     def crash_after_the_second_batch(*args, calls=[], **kwargs):  # noqa: B006 (a counter kept across calls)
         calls.append(1)
@@ -606,10 +608,10 @@ def test_a_change_of_any_reference_input_recomputes_the_reference(tmp_path, smol
             raise RuntimeError("simulated crash")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(prospect.train, "compute_reference_logps", crash_after_the_second_batch)
+    monkeypatch.setattr(prospect.reference, "compute_reference_logps", crash_after_the_second_batch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(make_config(tmp_path / "run", model_dir, **{**common, **before}))
-    monkeypatch.setattr(prospect.train, "compute_reference_logps", original)
+    monkeypatch.setattr(prospect.reference, "compute_reference_logps", original)
 
     if change == "model replaced at the same path":  # same files, same sizes, other weights
         build_tiny_model_dir(model_dir, smollm_tokenizer, seed=1)

@@ -1,0 +1,76 @@
+"""The model's forward pass up to log-probs, and the sums that metrics are made of.
+
+`HiddenStates` runs the causal LM without its output head; `sequence_logps` turns the final hidden
+states into per-token and per-sequence log-probs in chunks (`losses.token_logps`), so the [T, V]
+float32 logits never exist. An objective's step returns sums (of losses, rewards, tokens …);
+`reduce_sums` adds them over ranks and a `Window` over the steps of one logging window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from prospect.losses import token_logps
+from prospect.packing import PackedBatch, PromptCache
+
+
+class HiddenStates(torch.nn.Module):
+    """The causal LM without its output head: returns the final hidden states [T, H] of a packed row.
+
+    Log-probs are then computed from them in chunks (`token_logps`), so the [T, V] float32 logits
+    never exist. Wrapping the model in this module (rather than calling its decoder from outside)
+    keeps the forward inside what Accelerate prepares (DDP, autocast)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def causal_lm(self) -> torch.nn.Module:
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def forward(self, **inputs) -> torch.Tensor:
+        # With `torch_compile`, only the training forward runs compiled: each no-grad pass (KL, reference
+        # with LoRA off, eval) would compile graphs of its own, minutes on CPU for a small share of the time.
+        stance = contextlib.nullcontext() if torch.is_grad_enabled() else torch.compiler.set_stance("force_eager")
+        with stance:
+            return self.causal_lm().get_decoder()(**inputs).last_hidden_state[0]
+
+
+def sequence_logps(hidden_model, head, batch: PackedBatch, device, prompt_cache: PromptCache | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-sequence summed log-probs of the targets [B], per-token log-probs [T]), float32."""
+    batch = batch.to(device)
+    extra = {} if prompt_cache is None else {"prompt_cache": prompt_cache}
+    hidden = hidden_model(**batch.model_inputs(), **extra)
+    per_token = token_logps(hidden, head, batch.targets)
+    per_sequence = torch.zeros(batch.num_sequences, dtype=torch.float32, device=device)
+    return per_sequence.index_add(0, batch.sequence_index, per_token), per_token
+
+
+def reduce_sums(values: dict, accelerator) -> dict:
+    """Sum a dict of numbers over ranks with one all-reduce."""
+    if accelerator.num_processes == 1:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=accelerator.device)
+    tensor = accelerator.reduce(tensor, "sum")
+    return dict(zip(keys, tensor.tolist()))
+
+
+def sync_unless_last(accelerator, model, number: int, count: int):
+    """DDP all-reduces gradients in every backward; skip it for all but the step's last micro-batch."""
+    return contextlib.nullcontext() if number == count - 1 else accelerator.no_sync(model)
+
+
+class Window:
+    """Sums of one logging window (or one evaluation). Every rank starts from the same keys (the
+    objective's and the loop's), so `reduce_sums` adds like with like."""
+
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self.sums = dict.fromkeys(keys, 0.0)
+
+    def add(self, values: dict) -> None:
+        for key, value in values.items():
+            self.sums[key] += float(value)
