@@ -16,7 +16,7 @@ alternated (A B C A B C ...) so that a change of load on the machine hits all of
   and samples sequentially (KTOTrainer requires sequential sampling anyway);
 - is timed from the start of the job (after the shared libraries are imported) to the saved adapter:
   model load, data preparation, reference log-probs, the training loop and saving included;
-- runs prospect with the environment `prospect train` sets (prospect.launch.ALLOCATOR_ENV: PyTorch's
+- runs prospect with the environment `prospect train` sets (prospect.allocator.ALLOCATOR_ENV: PyTorch's
   huge-page allocation for large tensors) and TRL with the machine's; `--peers` adds prospect without it
   (`prospect-glibc`) and TRL with it (`trl-*-thp`), so the allocator's share of a memory ratio is visible.
 - `--peers` also takes `prospect-compile`: prospect with `torch_compile: true` (each decoder layer compiled).
@@ -320,7 +320,7 @@ def launch(spec: dict, workdir: Path, log_name: str) -> dict:
     spec_path = workdir / f"{log_name}.spec.json"
     spec["result"] = str(workdir / f"{log_name}.result.json")
     spec_path.write_text(json.dumps(spec))
-    from prospect.launch import ALLOCATOR_ENV
+    from prospect.allocator import ALLOCATOR_ENV
 
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]),
                TOKENIZERS_PARALLELISM="false", HF_DATASETS_CACHE=str(workdir / f"{log_name}.hf-cache"),

@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps; the first two are left out of the median")
     args = parser.parse_args()
 
-    from prospect.launch import set_allocator_env
+    from prospect.allocator import set_allocator_env
 
     set_allocator_env()  # as `prospect train` does, before torch is imported
     import torch

@@ -86,7 +86,7 @@ def main() -> None:
     import os
 
     threads = args.threads or bench.default_threads()
-    from prospect.launch import set_allocator_env
+    from prospect.allocator import set_allocator_env
 
     set_allocator_env()  # as `prospect train` does, before torch is imported
     import torch

@@ -1,6 +1,6 @@
 """The `prospect` command line.
 
-Exit codes (DESIGN.md §6): 0 success; 2 a user error (bad config, bad data, missing file) with a
+Exit codes: 0 success; 2 a user error (bad config, bad data, missing file) with a
 one-paragraph message and no traceback; 1 anything else (a bug: the traceback is shown).
 
 Every command takes a config file and `key=value` overrides; the work itself lives in the module
@@ -84,7 +84,8 @@ def _load(args):
 
 
 def _train(args) -> None:
-    from prospect.launch import launch, set_allocator_env
+    from prospect.allocator import set_allocator_env
+    from prospect.launch import launch
 
     set_allocator_env()  # before anything imports torch
     launch(_load(args))

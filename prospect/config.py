@@ -1,7 +1,7 @@
 """The run configuration: one flat, typed set of keys, read from YAML/JSON plus `key=value` overrides.
 
 The keys and their meanings follow LLaMA-Factory v0.9.3 so that its users' YAML files work unchanged
-(DESIGN.md §4). Every field has a default and a one-line doc (`help`); unknown keys, wrong types and
+(the compatibility contract; examples/README.md lists every key). Every field has a default and a one-line doc (`help`); unknown keys, wrong types and
 out-of-range values raise `UserError` naming the key, the value and what is allowed. Rules that tie
 several fields together live in `RunConfig.validate`, grouped by the section they concern.
 """
@@ -283,7 +283,7 @@ class RunConfig:
 
     @property
     def uses_ray(self) -> bool:
-        """DESIGN.md §4: USE_RAY=1 in the environment, or more than one Ray worker."""
+        """As in LLaMA-Factory: USE_RAY=1 in the environment, or more than one Ray worker."""
         return os.environ.get("USE_RAY", "0").lower() in ("1", "true", "yes") or self.ray_num_workers > 1
 
     def to_dict(self) -> dict[str, Any]:

@@ -305,14 +305,8 @@ def export_model(config) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from prospect.inference import (
-        attach_adapters,
-        load_tokenizer_for,
-        parse_adapters,
-        read_run_config,
-        resolve_template,
-    )
-    from prospect.model import load_model, model_folder
+    from prospect.inference import load_inference_model, parse_adapters, read_run_config
+    from prospect.model import model_folder
 
     config.refuse_quantization()
     if not config.export_dir:
@@ -324,17 +318,10 @@ def export_model(config) -> Path:
     dtype_name = export_dtype_name(config, run)
     dtype = getattr(torch, dtype_name)
 
-    tokenizer = load_tokenizer_for(config, adapters)
-    template = resolve_template(config, tokenizer, adapters[-1].path if adapters else None)
-    prompts = _probe_prompts(template, tokenizer)
-
     print(f"Loading {config.model_name_or_path} in float32 ...", flush=True)
-    model = load_model(
-        config.model_name_or_path, dtype=torch.float32, trust_remote_code=config.trust_remote_code,
-        cache_dir=config.cache_dir,
-    ).eval()
+    model, tokenizer, template = load_inference_model(config, device="cpu", dtype=torch.float32)
+    prompts = _probe_prompts(template, tokenizer)
     if adapters:
-        model = attach_adapters(model, adapters)
         reference = _logits(model, prompts)
         print(f"Merging {len(adapters)} adapter(s) in order: {', '.join(a.path for a in adapters)}", flush=True)
         model = _merge_adapters(model, [a.key for a in adapters])

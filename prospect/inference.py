@@ -193,14 +193,16 @@ def attach_adapters(model, adapters: Sequence[AdapterSpec]):
     return model
 
 
-def load_inference_model(config, *, merge: bool = False, merged_first: Sequence[str] = ()):
-    """(model, tokenizer, template) for chat, serve and eval.
+def load_inference_model(config, *, merge: bool = False, merged_first: Sequence[str] = (), device=None, dtype=None):
+    """(model, tokenizer, template) for chat, serve, eval and export: the one place a model is loaded
+    for anything but training.
 
     The model is the base model with every adapter of `adapter_name_or_path` applied (a PeftModel;
     with `merge=True` the adapters are merged into the weights instead, which makes generation a
     little faster but leaves no way to switch them off). `merged_first` are adapter folders merged
     into the base weights before that (the base a chained run trained on, see `trained_on`). The
-    template is the one the (last) adapter was trained with, see `resolve_template`.
+    template is the one the (last) adapter was trained with, see `resolve_template`. `device` and
+    `dtype` default to `inference_device_and_dtype` (export asks for float32 on the CPU).
     """
     from prospect.model import load_model, merge_adapters
 
@@ -208,7 +210,8 @@ def load_inference_model(config, *, merge: bool = False, merged_first: Sequence[
     adapters = parse_adapters(config.adapter_name_or_path)
     warn_on_base_mismatch(config, adapters)
     tokenizer = load_tokenizer_for(config, adapters)
-    device, dtype = inference_device_and_dtype(config)
+    default_device, default_dtype = inference_device_and_dtype(config)
+    device, dtype = device or default_device, dtype or default_dtype
     model = load_model(
         config.model_name_or_path, dtype=dtype, trust_remote_code=config.trust_remote_code, cache_dir=config.cache_dir
     )

@@ -6,22 +6,8 @@ environment). On Ray, Ray Train starts the workers and each of them runs the sam
 
 from __future__ import annotations
 
-import os
-
 from prospect.config import RunConfig
 from prospect.errors import UserError
-
-# Read by PyTorch at its first allocation, so set before torch is imported (the CLI does; Ray workers get it
-# in their environment): tensors of 2 MiB and more then come from 2 MiB-aligned, huge-page-backed blocks.
-# With glibc's heap alone, the memory freed between a step's activations stays fragmented and the peak RSS
-# of a LoRA run on CPU is ~1.3× higher (benchmarks/README.md, "Memory"). A value the user set wins.
-ALLOCATOR_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
-
-
-def set_allocator_env() -> None:
-    for name, value in ALLOCATOR_ENV.items():
-        os.environ.setdefault(name, value)
-
 
 def launch(config: RunConfig) -> dict:
     if not config.do_train:

@@ -1,7 +1,7 @@
 """Loss maths for SFT and KTO: per-token log-probs from hidden states, the KTO loss, KL pairs.
 
 Pure functions on tensors (no model, no config, no process state), so the training loop, the
-reference-log-prob cache and the tests all use the same code. DESIGN.md §5 has the KTO maths.
+reference-log-prob cache and the tests all use the same code. `kto_loss` has the KTO maths.
 
 Shapes in names and docstrings: T tokens, H hidden size, V vocabulary size, B examples.
 This module imports only torch: the training code imports it, nothing at CLI start-up does.
@@ -146,7 +146,7 @@ class _FrozenLinearLogps(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------------
-# KTO (arXiv 2402.01306; DESIGN.md §5)
+# KTO (arXiv 2402.01306, as TRL's KTOTrainer computes it)
 
 
 def kto_loss(

@@ -56,7 +56,7 @@ from pathlib import Path, PurePosixPath
 from prospect.checkpoints import REFERENCE_FILE
 from prospect.config import RunConfig
 from prospect.errors import UserError
-from prospect.launch import ALLOCATOR_ENV
+from prospect.allocator import ALLOCATOR_ENV
 
 RUN_CONFIG_FILE = "run_config.yaml"
 # Ray Train's record of the registered checkpoints of a run folder (ray/train/v2 CheckpointManager).

@@ -409,26 +409,10 @@ def _sse(data: dict | str) -> str:
 
 def load_served_models(config):
     """(model, tokenizer, {name: ServedModel}) — the base model and every adapter of the config."""
-    from prospect.inference import (
-        attach_adapters,
-        base_model_name,
-        inference_device_and_dtype,
-        load_tokenizer_for,
-        parse_adapters,
-        resolve_template,
-        warn_on_base_mismatch,
-    )
-    from prospect.model import load_model
+    from prospect.inference import base_model_name, load_inference_model, parse_adapters, resolve_template
 
+    model, tokenizer, _ = load_inference_model(config)  # every adapter attached; requests pick theirs
     adapters = parse_adapters(config.adapter_name_or_path)
-    warn_on_base_mismatch(config, adapters)
-    tokenizer = load_tokenizer_for(config, adapters)
-    device, dtype = inference_device_and_dtype(config)
-    model = load_model(config.model_name_or_path, dtype=dtype, trust_remote_code=config.trust_remote_code,
-                       cache_dir=config.cache_dir)
-    if adapters:
-        model = attach_adapters(model, adapters)
-    model.to(device).eval()
     base = base_model_name(config)
     served = {base: ServedModel(base, BASE_MODEL, resolve_template(config, tokenizer), str(config.model_name_or_path))}
     for spec in adapters:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-# ../shared next to the repository holds the reference tokenizers and demo datasets (see DESIGN.md).
+# ../shared next to the repository holds the reference tokenizers and demo datasets.
 SHARED_DIR = Path(os.environ.get("PROSPECT_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 MODELS_DIR = SHARED_DIR / "models"
 DATA_DIR = SHARED_DIR / "data"

@@ -1,7 +1,7 @@
 """`prospect data check` and `prospect data preview` through the command line.
 
 Malformed data: exit code 2 and a one-line message naming the file, the record index and the field,
-with no traceback (DESIGN.md §6, issue 2 item 6). The in-process calls of `prospect.cli.main` check
+with no traceback (the README's exit codes). The in-process calls of `prospect.cli.main` check
 the messages; one subprocess run checks the real exit path.
 """
 

@@ -15,7 +15,7 @@ from prospect.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "tests" / "configs"
 
-# Every key of DESIGN.md §4's compatibility contract, and the extra keys its users expect.
+# Every key of the compatibility contract (LLaMA-Factory v0.9.3's), and the extra keys its users expect.
 CONTRACT_KEYS = """model_name_or_path trust_remote_code stage do_train finetuning_type lora_rank lora_target
 pref_beta flash_attn enable_liger_kernel deepspeed dataset dataset_dir template cutoff_len max_samples
 overwrite_cache preprocessing_num_workers output_dir logging_steps save_steps plot_loss overwrite_output_dir
@@ -147,7 +147,7 @@ def test_examples_readme_lists_every_key():
 
 @pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])
 def test_train_sets_the_allocator_before_torch_is_imported(preset, expected):
-    """prospect train sets THP_MEM_ALLOC_ENABLE (prospect.launch.ALLOCATOR_ENV), which PyTorch reads at its
+    """prospect train sets THP_MEM_ALLOC_ENABLE (prospect.allocator.ALLOCATOR_ENV), which PyTorch reads at its
     first allocation, before anything imports torch; a value the user set wins."""
     code = ("import os, sys; import prospect.cli as cli, prospect.launch as launch; "
             "launch.launch = lambda config: print('torch' in sys.modules, os.environ['THP_MEM_ALLOC_ENABLE']); "

@@ -13,7 +13,7 @@ from prospect.data.formats import data_files, load_examples, read_records
 from prospect.data.registry import DatasetSpec, resolve_datasets
 from prospect.errors import UserError
 
-# ../shared/data holds the reference demo datasets (DESIGN.md); PROSPECT_SHARED_DIR overrides.
+# ../shared/data holds the reference demo datasets; PROSPECT_SHARED_DIR overrides.
 SHARED_DATA = os.path.normpath(os.path.join(
     os.environ.get("PROSPECT_SHARED_DIR",
                    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared")),

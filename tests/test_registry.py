@@ -10,7 +10,7 @@ import pytest
 from prospect.data.registry import DatasetSpec, load_registry, parse_entry, resolve_datasets
 from prospect.errors import UserError
 
-# ../shared/data holds the reference demo datasets (DESIGN.md); PROSPECT_SHARED_DIR overrides.
+# ../shared/data holds the reference demo datasets; PROSPECT_SHARED_DIR overrides.
 SHARED_DATA = os.path.normpath(os.path.join(
     os.environ.get("PROSPECT_SHARED_DIR",
                    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared")),

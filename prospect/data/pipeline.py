@@ -1,6 +1,6 @@
 """From config to encoded, split datasets: records → examples → token ids and labels (cached).
 
-This is the data half of the run's straight line (DESIGN.md §2). Each dataset of `dataset: a,b` is
+This is the data half of the run's straight line (prospect/train.py's docstring draws it). Each dataset of `dataset: a,b` is
 read and validated (`formats`), cut to `max_samples`, encoded with the template (`encode`) in
 `preprocessing_num_workers` processes, and cached on disk keyed by everything that changes the
 tokens, so a second run (or `prospect train` after `prospect data check`) skips tokenization.
