@@ -306,11 +306,9 @@ def adapter_paths(value: str | None) -> list[str]:
 
 def field_docs() -> list[tuple[str, str, str]]:
     """(key, default, help) of every config key, for the README table and `--help`."""
-    rows = []
-    for f in dataclasses.fields(RunConfig):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        rows.append((f.name, json.dumps(default), f.metadata["help"]))
-    return rows
+    defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(RunConfig)}
+    return [(name, json.dumps(default), FIELDS[name].metadata["help"]) for name, default in defaults.items()]
 
 
 # --- reading ---------------------------------------------------------------------------------

@@ -107,17 +107,26 @@ class PromptCache:
 
     KTO's KL pair i is example i's prompt followed by another example's completion. The policy's
     forward over the targets (prompt_i + completion_i) captures the prompts' keys and values
-    (`mode = "capture"`); the KL pass then runs only the partners' completions, each attending to its
-    prompt's cached keys and values (`mode = "extend"`), so no prompt is computed twice. Pass it to the
+    (a new cache captures); after `extend()` the KL pass runs only the partners' completions, each
+    attending to its prompt's cached keys and values, so no prompt is computed twice. Pass it to the
     model as `prompt_cache=` (transformers hands keyword arguments down to the attention function);
-    only prospect's packed attentions (`PACKED_ATTENTIONS`) read it. `mode = "off"` makes the attention ignore it (e.g. when
-    gradient checkpointing recomputes the capturing forward during backward).
+    only prospect's packed attentions (`PACKED_ATTENTIONS`) read it. After `release()` the attention
+    ignores it (e.g. when gradient checkpointing recomputes the capturing forward during backward).
     """
 
     def __init__(self, prefix_lens: list[int]):
         self.prefix_lens = list(prefix_lens)
-        self.mode = "capture"
+        self.mode = "capture"  # read by the attention: capture, extend or off
         self.layers: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def extend(self) -> None:
+        """From capturing (the forward over prompt + completion) to extending (the continuations' pass)."""
+        assert self.mode == "capture", f"extend() follows the capturing forward, not mode {self.mode!r}"
+        self.mode = "extend"
+
+    def release(self) -> None:
+        """Ignored from now on by the attention, and its keys and values freed."""
+        self.mode, self.layers = "off", {}
 
 
 @torch.compiler.disable  # per-sequence bounds and the prompt cache are Python data: eager, not recompiled per batch

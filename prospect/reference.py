@@ -44,7 +44,7 @@ def compute_reference_logps(examples: Examples, hidden_model, head, *, accelerat
         cache = examples.prompt_cache(chunk, hidden_model)  # the KL pass reuses the targets' prompts
         logps[where] = sequence_logps(hidden_model, head, examples.targets(chunk), accelerator.device, cache)[0]
         if cache is not None:
-            cache.mode = "extend"
+            cache.extend()
         kl_batch = examples.kl_pairs(chunk) if cache is None else examples.kl_continuations(chunk)
         kl_logps[where] = sequence_logps(hidden_model, head, kl_batch, accelerator.device, cache)[0]
         passes += 2

@@ -46,10 +46,15 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from prospect.errors import UserError
+
+# (file name, title, y label, the metrics drawn); each objective lists its own.
+Plot = tuple[str, str, str, tuple[str, ...]]
+LOSS_PLOT: Plot = ("training_loss.png", "Training loss", "loss", ("loss",))
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +67,11 @@ _SECRET_KEY = re.compile(r"token|secret|password|passwd|api_?key|credential", re
 class Tracker:
     """metrics.jsonl + plots + the `report_to` trackers of one run (rank 0 only)."""
 
-    def __init__(self, output_dir: str | os.PathLike, config: Any, resume_step: int | None = None):
+    def __init__(self, output_dir: str | os.PathLike, config: Any, resume_step: int | None = None,
+                 plots: Sequence[Plot] = (LOSS_PLOT,)):
         self.output_dir = Path(output_dir)
         self.config = config
+        self.plots = plots  # the objective's (prospect/objectives): what finish() draws when plot_loss
         self.report_to = [t for t in config.report_to if t != "none"]
         self._mlflow = self._tensorboard = self._wandb = None
         self._warned: set[str] = set()
@@ -132,7 +139,7 @@ class Tracker:
         """
         try:
             self._metrics.flush()
-            plots = plot_metrics(self.output_dir, self.config.stage) if self.config.plot_loss else []
+            plots = plot_metrics(self.output_dir, self.plots) if self.config.plot_loss else []
             files = list(plots)
             if train_results is not None:
                 files.append(self.output_dir / TRAIN_RESULTS_FILE)
@@ -232,19 +239,12 @@ def _write_atomic(path: Path, text: str) -> None:
 
 # --- plots -----------------------------------------------------------------------------------
 
-
-def plot_metrics(output_dir: str | os.PathLike, stage: str) -> list[Path]:
-    """Write training_loss.png (and for KTO training_rewards.png, training_kl.png) from metrics.jsonl."""
+def plot_metrics(output_dir: str | os.PathLike, plots: Sequence[Plot]) -> list[Path]:
+    """Write each plot (an objective's PLOTS: file name, title, y label, metric keys) from metrics.jsonl."""
     output_dir = Path(output_dir)
     records = read_metrics(output_dir)
     run = output_dir.resolve().name
-    loss_label = "cross-entropy loss (nats/token)" if stage == "sft" else "KTO loss"
-    plots = [("training_loss.png", f"Training loss · {stage.upper()} · {run}", loss_label, ["loss"])]
-    if stage == "kto":
-        rewards = ["rewards/chosen", "rewards/rejected", "rewards/margins"]
-        plots.append(("training_rewards.png", f"KTO rewards · {run}", "implied reward β·log(π/π_ref)", rewards))
-        plots.append(("training_kl.png", f"KTO KL estimate · {run}", "KL (nats)", ["kl"]))
-    return [_plot(output_dir / name, title, ylabel, records, keys) for name, title, ylabel, keys in plots]
+    return [_plot(output_dir / name, f"{title} · {run}", ylabel, records, list(keys)) for name, title, ylabel, keys in plots]
 
 
 def _series(records: list[dict], split: str, key: str) -> tuple[list[int], list[float]]:

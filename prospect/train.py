@@ -1,17 +1,18 @@
 """`train(config)`: one function that trains, in a plain process, under torchrun, or in a Ray worker.
 
-The path of a run, top to bottom:
+The path of a run, top to bottom (each arrow names the module that does it):
 
-    config ─► tokenizer + encoded data (cached) ─► model (+ LoRA) ─► optimizer, schedule
-           ─► KTO: reference log-probs, computed once and stored in the run folder
-           ─► for each optimizer step: its examples ─► packed micro-batches ─► loss ─► backward
-                                       ─► clip, step ─► log / evaluate / checkpoint
-           ─► adapter (or weights), tokenizer, run_config.yaml, train_results.json, plots
+    config ─► tokenizer + encoded data (data.pipeline, cached) ─► model + LoRA (model) ─► optimizer, schedule
+           ─► objective.prepare: KTO's reference log-probs, computed once, stored in output_dir (reference)
+           ─► for each optimizer step: its examples, packed micro-batches (batching)
+                 ─► objective.step: forward to log-probs (forward) ─► loss (losses) ─► backward
+                 ─► clip, AdamW step ─► log (tracking) / objective.evaluate / checkpoint (checkpoints)
+           ─► adapter (or weights), tokenizer, run_config.yaml, train_results.json, the objective's plots
 
-What differs between objectives (SFT, KTO) lives in `prospect/objectives/`: the loop calls the
-run's objective and has no branch per objective. The loop is ours; Accelerate provides the device, mixed precision and the distributed plumbing
-(DDP's gradient all-reduce). Nothing here is process-global: every piece of state is a local of
-`train`, so Ray can call it again in a restarted worker.
+What differs between objectives (SFT, KTO) lives in `prospect/objectives/`: the loop calls the run's
+objective and has no branch per objective. The loop is ours; Accelerate provides the device, mixed
+precision and the distributed plumbing (DDP's gradient all-reduce). Nothing here is process-global:
+every piece of state is a local of `train`, so Ray can call it again in a restarted worker.
 
 Choices worth knowing (the README's "Training" section says more):
 - Batches are packed without padding (`prospect.packing`), and log-probs are computed from the final
@@ -170,7 +171,8 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
     frozen_reference = None  # the frozen copy of full fine-tuning is not needed after this
     reference_seconds = time.perf_counter() - reference_start
 
-    tracker = Tracker(str(output_dir), config, resume_step=start_step if resume_from else None) if main else None
+    tracker = (Tracker(str(output_dir), config, resume_step=start_step if resume_from else None, plots=objective.PLOTS)
+               if main else None)
     if main:
         (output_dir / "run_config.yaml").write_text(config.to_yaml())
 

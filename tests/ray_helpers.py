@@ -29,7 +29,7 @@ def train_loop(loop_config: dict) -> dict:
     import ray
     import ray.train
 
-    from prospect.ray_launch import train_loop_per_worker
+    from prospect.ray_worker import train_loop_per_worker
 
     rank = ray.train.get_context().get_world_rank()
     first_attempt = ray.train.get_checkpoint() is None
@@ -74,17 +74,17 @@ def _kill_after_reference_saves(saves: int, rank: int, marker: Path) -> None:
     """Save the reference file after every batch; in the first attempt rank 0 dies after `saves` of
     them reached the run folder, taking its local copy with it: a node lost during the reference pass,
     before any checkpoint (only the run folder's copy can continue the pass)."""
-    import prospect.ray_launch
+    import prospect.ray_worker
     import prospect.reference
 
     prospect.reference.REFERENCE_SAVE_EVERY = 1
     if rank != 0 or marker.exists():
         return
-    upload, done = prospect.ray_launch.RunFolder.upload, []
+    upload, done = prospect.ray_worker.RunFolder.upload, []
 
     def upload_then_die(self, local, name):
         upload(self, local, name)
-        if name == prospect.ray_launch.REFERENCE_FILE:
+        if name == prospect.ray_worker.REFERENCE_FILE:
             done.append(1)
             if len(done) == saves:
                 marker.write_text("killed")
@@ -92,4 +92,4 @@ def _kill_after_reference_saves(saves: int, rank: int, marker: Path) -> None:
                 print(f"test: SIGKILL to this worker (pid {os.getpid()}) after reference save {saves}", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    prospect.ray_launch.RunFolder.upload = upload_then_die
+    prospect.ray_worker.RunFolder.upload = upload_then_die

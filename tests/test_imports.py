@@ -20,6 +20,7 @@ LAYERS = [
     {"prospect.objectives.sft", "prospect.objectives.kto"},
     {"prospect.objectives"},
     {"prospect.train", "prospect.inference"},
+    {"prospect.openai_api", "prospect.ray_worker"},
     {"prospect.ray_launch", "prospect.evaluate", "prospect.export", "prospect.chat", "prospect.serve"},
     {"prospect.launch"},
     {"prospect.cli"},

@@ -394,7 +394,8 @@ def test_gpu_only_options_on_cpu_workers_are_a_user_error_before_ray_starts(tmp_
 
 
 def test_a_changed_config_needs_overwrite_or_a_new_run_name(tmp_path, capsys):
-    from prospect.ray_launch import RAY_SNAPSHOT_FILE, RunFolder, _decide_resume, _resolved
+    from prospect.ray_launch import _decide_resume, _resolved
+    from prospect.ray_worker import RAY_SNAPSHOT_FILE, RunFolder
 
     def config(**overrides):
         values = {"output_dir": str(tmp_path / "out"), "ray_storage_path": str(tmp_path / "storage"),
@@ -438,7 +439,7 @@ def test_a_worker_progress_bar_becomes_log_lines():
 
     from tqdm import tqdm
 
-    from prospect.ray_launch import _ProgressLines
+    from prospect.ray_worker import _ProgressLines
 
     sink = io.StringIO()
     stream = _ProgressLines(sink, every_s=3600)

@@ -227,7 +227,7 @@ def test_tool_call_parser():
 
 
 def test_streaming_holdback_releases_text_that_is_not_a_tool_call():
-    from prospect.serve import ToolCallHoldback
+    from prospect.openai_api import ToolCallHoldback
 
     holdback = ToolCallHoldback()
     pieces = [holdback.feed(p) for p in ["Hi", " there <", "b>", " ok\n", "<tool", "_call>\n{", '"name": "f"}']]

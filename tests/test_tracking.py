@@ -18,6 +18,8 @@ import pytest
 
 from prospect.config import load_config
 from prospect.errors import UserError
+from prospect.objectives.kto import KTO
+from prospect.objectives.sft import SFT
 from prospect.tracking import METRICS_FILE, Tracker, flat_params, mlflow_name, read_metrics
 
 
@@ -133,7 +135,7 @@ def test_resume_keeps_steps_up_to_resume_step_and_drops_the_interrupted_tail(tmp
 
 def test_kto_plots_are_three_readable_pngs(tmp_path):
     out = tmp_path / "run"
-    tracker = Tracker(out, make_config(out, "stage=kto", "plot_loss=true"))
+    tracker = Tracker(out, make_config(out, "stage=kto", "plot_loss=true"), plots=KTO.PLOTS)
     for step in range(1, 31):
         tracker.log(step, kto_metrics(step), epoch=step / 30)
         if step % 10 == 0:
@@ -151,7 +153,7 @@ def test_kto_plots_are_three_readable_pngs(tmp_path):
 
 def test_sft_plot_is_only_the_loss(tmp_path):
     out = tmp_path / "run"
-    tracker = Tracker(out, make_config(out, "stage=sft", "plot_loss=true"))
+    tracker = Tracker(out, make_config(out, "stage=sft", "plot_loss=true"), plots=SFT.PLOTS)
     for step in range(1, 6):
         tracker.log(step, {"loss": 2.0 / step, "grad_norm": 1.0})
     tracker.log(5, {"loss": 0.5}, split="eval")
@@ -164,7 +166,7 @@ def test_sft_plot_is_only_the_loss(tmp_path):
 @pytest.mark.parametrize("n_points", [0, 1])
 def test_plots_with_fewer_than_two_points_still_written(tmp_path, n_points):
     out = tmp_path / "run"
-    tracker = Tracker(out, make_config(out, "stage=kto", "plot_loss=true"))
+    tracker = Tracker(out, make_config(out, "stage=kto", "plot_loss=true"), plots=KTO.PLOTS)
     for step in range(1, n_points + 1):
         tracker.log(step, kto_metrics(step))
     plots = tracker.finish({})
@@ -177,7 +179,7 @@ def test_plots_with_fewer_than_two_points_still_written(tmp_path, n_points):
 
 
 def run_kto(out: Path, config, steps, resume_step=None, finish=True) -> Tracker:
-    tracker = Tracker(out, config, resume_step=resume_step)
+    tracker = Tracker(out, config, resume_step=resume_step, plots=KTO.PLOTS)
     for step in steps:
         tracker.log(step, kto_metrics(step), epoch=step / 10)
         if step % 2 == 0:

@@ -467,7 +467,7 @@ def test_kl_pass_on_cached_prompts_equals_whole_kl_pairs(tmp_path, tiny_model_di
             cache = examples.prompt_cache(indices, hidden_model)
             assert cache is not None
             targets = sequence_logps(hidden_model, head, examples.targets(indices), "cpu", cache)[0]
-            cache.mode = "extend"
+            cache.extend()
             kl = sequence_logps(hidden_model, head, examples.kl_continuations(indices), "cpu", cache)[0]
         assert torch.allclose(targets, expected_targets, atol=1e-5, rtol=0)
         assert torch.allclose(kl, expected_kl, atol=1e-4, rtol=1e-6), (kl, expected_kl)

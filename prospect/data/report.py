@@ -67,12 +67,12 @@ def print_check(config: RunConfig, data, out=None) -> None:
         dropped = sum(r.dropped.values())
         why = "; ".join(f"{n} {reason}" for reason, n in r.dropped.items())
         p(f"  examples       {r.num_kept} kept, {dropped} dropped" + (f" ({why})" if why else ""))
-        if config.stage == "kto":
+        if r.num_desirable or r.num_undesirable:  # labelled (KTO) data
             p(f"  labels         {r.num_desirable} desirable, {r.num_undesirable} undesirable")
         lengths = sorted(r.token_lengths)
         p(f"  tokens/example p50 {_percentile(lengths, 50)}, p90 {_percentile(lengths, 90)}, "
           f"p99 {_percentile(lengths, 99)}, max {lengths[-1] if lengths else 0}")
-        if config.stage == "kto" and config.truncation_mode == "keep_end":
+        if config.truncation_mode == "keep_end":  # KTO's default
             p(f"  truncated      {r.num_truncated} longer than cutoff_len {config.cutoff_len}: {r.num_prompts_cut} "
               f"prompts cut from the start (oldest turns first), {r.num_completions_cut} completions cut at the end")
         else:
@@ -87,10 +87,10 @@ def print_check(config: RunConfig, data, out=None) -> None:
     p("")
     p(f"total: {len(data.train)} train examples, {len(data.eval) if data.eval is not None else 0} eval examples, "
       f"{sum(r.num_trained_tokens for r in data.reports):,} trained tokens")
-    if config.stage == "kto":
-        labels = data.train["label"]
-        n_d = sum(1 for label in labels if label is True)
-        n_u = sum(1 for label in labels if label is False)
+    labels = data.train["label"]
+    n_d = sum(1 for label in labels if label is True)
+    n_u = sum(1 for label in labels if label is False)
+    if n_d or n_u:  # labelled (KTO) data
         p(f"KTO balance (train split): {balance_advice(config, n_d, n_u)}")
 
 

@@ -2,7 +2,7 @@
 `prospect eval` through the same few members:
 
 - `SUM_KEYS`: the sums its steps and evaluations return (added over ranks and steps), and
-  `metrics(sums)`, the logged means;
+  `metrics(sums)`, the logged means; `PLOTS`, the plots of them that `plot_loss` draws;
 - `describe(train_set)`: a line about the data worth printing before training, or None;
 - `fingerprint(train_set)`: what a checkpoint must have been trained on to be continued;
 - `uses_reference_model` / `prepare(splits, reference, …)`: what it needs before the first step (KTO:

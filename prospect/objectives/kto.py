@@ -32,6 +32,10 @@ class KTO:
     uses_reference_model = True
     base_row = False  # the base model is the reference: its rewards are 0 by definition
     fingerprint_note = " or the KTO reference model (model, adapters, precision)"
+    PLOTS = (("training_loss.png", "Training loss · KTO", "KTO loss", ("loss",)),
+             ("training_rewards.png", "KTO rewards", "implied reward β·log(π/π_ref)",
+              ("rewards/chosen", "rewards/rejected", "rewards/margins")),
+             ("training_kl.png", "KTO KL estimate", "KL (nats)", ("kl",)))
 
     def __init__(self, config) -> None:
         self.config = config
@@ -95,10 +99,10 @@ class KTO:
             first_forward = batch, sequence_logps(hidden_model, head, batch, device, cache)[0]
         with torch.no_grad():
             if cache is not None:
-                cache.mode = "extend"
+                cache.extend()
                 policy_kl = [sequence_logps(no_grad_model, head, examples.kl_continuations(paired[0]), device,
                                             cache)[0].cpu()]
-                cache.mode, cache.layers = "off", {}  # e.g. gradient checkpointing's recompute ignores it
+                cache.release()  # e.g. gradient checkpointing's recompute must not read it
             else:
                 policy_kl = [sequence_logps(no_grad_model, head, examples.kl_pairs(chunk), device)[0].cpu()
                              for chunk in paired]

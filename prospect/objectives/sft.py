@@ -18,6 +18,7 @@ class SFT:
     uses_reference_model = False
     base_row = True  # the base model's held-out loss is the baseline
     fingerprint_note = ""
+    PLOTS = (("training_loss.png", "Training loss · SFT", "cross-entropy loss (nats/token)", ("loss",)),)
 
     def __init__(self, config) -> None:
         self.config = config
