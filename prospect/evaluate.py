@@ -6,8 +6,8 @@
   run started from a chain of adapters is evaluated on the base that run trained on: the chain's
   earlier adapters merged in (`inference.trained_on`), so the base row and the KTO reference are
   training's own.
-- Loss metrics are training's own (the objective's `evaluate`, `prospect/objectives`): SFT, the mean token NLL of the replies,
-  base model vs trained; KTO, the loss, the rewards and `rewards/accuracy`, the share of examples
+- Loss metrics are training's own (the objective's `evaluate`, `prospect/objectives`): SFT, the mean
+  token NLL of the replies, base model vs trained; KTO, the loss, the rewards and `rewards/accuracy`, the share of examples
   whose implied reward has their label's sign (the base model is the reference, so its rewards are
   0 by definition and only the trained row is shown).
 - Replies, the behaviour as a user meets it: a greedy reply (at most `max_new_tokens`) from the base
@@ -53,10 +53,10 @@ def evaluate(config: RunConfig) -> dict:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from prospect.data.pipeline import prepare_data
-    from prospect.inference import Generated, generate_batch, load_inference_model, stop_token_ids, trained_on
     from prospect.batching import Examples
+    from prospect.data.pipeline import prepare_data
     from prospect.forward import HiddenStates
+    from prospect.inference import Generated, generate_batch, load_inference_model, stop_token_ids, trained_on
     from prospect.objectives import objective_for
     from prospect.packing import packed_attention_implementation
     from prospect.reference import reference_model
@@ -217,7 +217,8 @@ def general_prompts(template, tokenizer) -> list[PromptCase]:
 
     cases = []
     for item in json.loads(GENERAL_PROMPTS.read_text(encoding="utf-8")):
-        messages = [Message(m["role"], m["content"]) for m in item.get("messages", [])] or [Message("user", item["prompt"])]
+        turns = item.get("messages") or [{"role": "user", "content": item["prompt"]}]
+        messages = [Message(turn["role"], turn["content"]) for turn in turns]
         ids = encode_prompt(tokenizer, render_prompt(template, messages))
         cases.append(PromptCase(messages[-1].content, tuple(ids), tuple(item.get("answers", ()))))
     return cases
@@ -249,13 +250,14 @@ def _print(config: RunConfig, results: dict) -> None:
     print(f"\ngreedy replies (at most {config.max_new_tokens} new tokens){'base':>17}{'trained':>14}")
     for set_name, title in (("held_out", "held-out"), ("general", "general")):
         replies = results[set_name]
-        measures = ([("pattern_matches", f"{config.eval_pattern!r}", replies["num_prompts"])] if config.eval_pattern else [])
+        measures = [("pattern_matches", f"{config.eval_pattern!r}", replies["num_prompts"])] if config.eval_pattern else []
         measures += [("degenerate", "degenerate", replies["num_prompts"])]
         if replies["num_with_answers"]:
             measures += [("correct", "key answer", replies["num_with_answers"])]
         for index, (key, label, total) in enumerate(measures):
             head = f"{title}, {replies['num_prompts']} prompts" if index == 0 else ""
-            cells = "".join(f"{f'{replies[row][key]}/{total}':>8}{replies[row][key] / total:>6.0%}" for row in ("base", "trained"))
+            cells = "".join(f"{f'{replies[row][key]}/{total}':>8}{replies[row][key] / total:>6.0%}"
+                            for row in ("base", "trained"))
             print(f"{head:22}{label:20}{cells}")
     for example in results["general"]["replies"][:SHOWN_REPLIES] + results["held_out"]["replies"][:1]:
         print(f"  prompt …{example['prompt'][-60:]!r}\n    base:    {example['base']!r}\n"

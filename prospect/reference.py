@@ -105,10 +105,10 @@ def load_or_compute_reference(config, splits: dict[str, tuple[Examples, list[int
     """Fill each split's reference log-probs for the indices it needs.
 
     `splits` maps a split's name to (its examples, the indices the run needs). What
-    output_dir/reference_logps.safetensors (output_dir None: no file) holds under the same `reference_key` is reused; the rest is
-    computed (`make_reference()` is a context giving the reference model's (HiddenStates, output head))
-    and the file is rewritten every REFERENCE_SAVE_EVERY batches, so a restarted run continues the
-    pass where it stopped. `on_save(path)`, if given, runs on the main process after each save (Ray
+    output_dir/reference_logps.safetensors (output_dir None: no file) holds under the same
+    `reference_key` is reused; the rest is computed (`make_reference()` is a context giving the
+    reference model's (HiddenStates, output head)) and the file is rewritten every
+    REFERENCE_SAVE_EVERY batches, so a restarted run continues the pass where it stopped. `on_save(path)`, if given, runs on the main process after each save (Ray
     copies the file to shared storage). Returns the number of reference forward passes run."""
     from tqdm.auto import tqdm
 

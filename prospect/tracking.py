@@ -244,7 +244,8 @@ def plot_metrics(output_dir: str | os.PathLike, plots: Sequence[Plot]) -> list[P
     output_dir = Path(output_dir)
     records = read_metrics(output_dir)
     run = output_dir.resolve().name
-    return [_plot(output_dir / name, f"{title} · {run}", ylabel, records, list(keys)) for name, title, ylabel, keys in plots]
+    return [_plot(output_dir / name, f"{title} · {run}", ylabel, records, list(keys))
+            for name, title, ylabel, keys in plots]
 
 
 def _series(records: list[dict], split: str, key: str) -> tuple[list[int], list[float]]:

@@ -2,7 +2,7 @@
 
 The path of a run, top to bottom (each arrow names the module that does it):
 
-    config ─► tokenizer + encoded data (data.pipeline, cached) ─► model + LoRA (model) ─► optimizer, schedule
+    config ─► tokenizer + encoded data (data.pipeline, cached) ─► model + LoRA (model) ─► optimizer
            ─► objective.prepare: KTO's reference log-probs, computed once, stored in output_dir (reference)
            ─► for each optimizer step: its examples, packed micro-batches (batching)
                  ─► objective.step: forward to log-probs (forward) ─► loss (losses) ─► backward
