@@ -44,7 +44,7 @@ def main() -> None:
     config = build_config(dict(stage="sft", model_name_or_path=model_folder(bench.EMBEDDED), dataset=["unused"],
                                lora_rank=bench.LORA_RANK, lora_alpha=bench.LORA_ALPHA, lora_target=["all"],
                                output_dir="unused"))
-    attention, _ = packed_attention_implementation("auto", torch.device("cpu"))
+    attention = packed_attention_implementation("auto", torch.device("cpu"))
     model = load_trainable_model(config, device=torch.device("cpu"), attn_implementation=attention)
     hidden_model = HiddenStates(model)
     head = hidden_model.causal_lm().get_output_embeddings()

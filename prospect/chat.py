@@ -111,13 +111,8 @@ class ChatSession:
 
     def reply(self) -> str:
         """Generate the assistant's next turn, streaming it to `out`, and add it to the history."""
-        from prospect.inference import (
-            encode_prompt,
-            generate_batch,
-            parse_tool_calls,
-            render_prompt,
-            tool_calls_as_message,
-        )
+        from prospect.data.tool_calls import parse_tool_calls, tool_calls_as_message
+        from prospect.inference import encode_prompt, generate_batch, render_prompt
 
         try:
             prompt = encode_prompt(self.tokenizer, render_prompt(self.template, self.messages(), self.tools))

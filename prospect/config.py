@@ -43,16 +43,21 @@ class RunConfig:
     )
     trust_remote_code: bool = _f(False, "Allow model/tokenizer code shipped with the model folder.")
     quantization_bit: int | None = _f(
-        None, "QLoRA (a 4 or 8-bit base model): not built yet, so every command that loads the model stops "
-        "with exit 2; remove the key.",
+        None, "QLoRA: load the frozen base in 4 or 8 bits (bitsandbytes, `pip install 'prospect[qlora]'`); train, "
+        "chat, serve and eval load it so, export merges into the full-precision base.",
         choices=(4, 8),
     )
+    quantization_method: Literal["bnb"] = _f("bnb", "How the base is quantized: bnb = bitsandbytes (the only one).")
+    quantization_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type of quantization_bit: 4 (bitsandbytes).")
+    double_quantization: bool = _f(True, "Quantize the 4-bit quantization constants too (saves ~0.4 bit/weight).")
     flash_attn: Literal["auto", "disabled", "sdpa", "fa2"] = _f(
-        "auto", "Attention of packed batches: auto/fa2 = flash-attention 2 where installed on CUDA (fa2 warns "
-        "otherwise), else sdpa = PyTorch SDPA per sequence; disabled = the model's eager attention.",
+        "auto", "Attention of packed batches: fa2 = flash-attention 2's variable-length kernel (CUDA and the flash-attn "
+        "package, else exit 2); sdpa = PyTorch SDPA per sequence; auto = fa2 where available, else sdpa; "
+        "disabled = the model's eager attention.",
     )
     enable_liger_kernel: bool = _f(
-        False, "liger-kernel fused layers: not applied yet (a warning says so); log-probs already avoid full logits."
+        False, "liger-kernel's fused RMSNorm, SwiGLU and RoPE in training (CUDA and `pip install liger-kernel`, "
+        "else exit 2); log-probs already avoid full logits."
     )
     torch_compile: bool = _f(
         False, "Compile each decoder layer with torch.compile (slow first step; can save activation memory)."
@@ -215,6 +220,9 @@ class RunConfig:
             raise UserError("adapter_name_or_path needs finetuning_type: lora (full fine-tuning has no adapters).")
         if self.quantization_bit is not None and self.finetuning_type != "lora":
             raise UserError("quantization_bit needs finetuning_type: lora (quantized weights cannot be trained).")
+        if self.quantization_bit != 4 and (self.quantization_type != "nf4" or not self.double_quantization):
+            raise UserError("quantization_type and double_quantization apply to quantization_bit: 4: set it, or remove "
+                            "them.")
         # dataset
         if self.val_size >= 1 and self.val_size != int(self.val_size):
             raise UserError(
@@ -262,24 +270,17 @@ class RunConfig:
                 self.report_to.remove("none")
         for tracker in self.report_to:
             if tracker not in ("none", "mlflow", "tensorboard", "wandb"):
-                raise UserError(
-                    f"report_to: {tracker!r} is not allowed: use none, mlflow, tensorboard or wandb (comma list)."
-                )
+                raise UserError(f"report_to: {tracker!r} is not allowed: use none, mlflow, tensorboard or wandb "
+                                "(comma list).")
         return self
 
     def refuse_unbuilt(self) -> None:
-        """Keys of features not built yet (sharded training, QLoRA): refused on every machine, by
+        """Keys of features not built yet (sharded training): refused on every machine, by
         `prospect train` before anything starts, rather than accepted and ignored."""
         if self.deepspeed:
             raise UserError(f"deepspeed: {self.deepspeed}: sharded training is not built yet. Remove the key: LoRA "
-                            "trains with one GPU per worker under DDP (Ray or torchrun).")
-        self.refuse_quantization()
-
-    def refuse_quantization(self) -> None:
-        """quantization_bit, for every command that loads the model (train, chat, serve, eval, export)."""
-        if self.quantization_bit is not None:
-            raise UserError(f"quantization_bit: {self.quantization_bit}: loading the model in 4 or 8 bits is not "
-                            "built yet. Remove the key (for less memory: bf16: true / infer_dtype: bfloat16).")
+                            "trains with one GPU per worker under DDP (Ray or torchrun), and QLoRA "
+                            "(quantization_bit: 4) fits a model that does not fit one GPU in 16 bits.")
 
     @property
     def uses_ray(self) -> bool:

@@ -86,7 +86,7 @@ def evaluate(config: RunConfig) -> dict:
     accelerator = Accelerator()
 
     # --- loss metrics, on packed batches like training ---------------------------------------------
-    model.set_attn_implementation(packed_attention_implementation(config.flash_attn, model.device)[0])
+    model.set_attn_implementation(packed_attention_implementation(config.flash_attn, model.device))
     hidden = HiddenStates(model)
     head = hidden.causal_lm().get_output_embeddings()
     results: dict = {"adapter": adapter, "num_examples": len(examples)}

@@ -48,6 +48,8 @@ import tempfile
 from pathlib import Path
 
 from prospect.data.example import Message
+from prospect.data.templates import chat_template_jinja
+from prospect.data.tool_calls import to_hf_messages, to_hf_tools
 from prospect.errors import UserError
 
 # Largest |difference| allowed between two sets of logits, as a fraction of max(1, largest |logit|).
@@ -83,166 +85,6 @@ PROBE_TOOL_CONVERSATION = [
 ]
 
 
-# --------------------------------------------------------------------------------------------------
-# Chat templates as Jinja (what `tokenizer.apply_chat_template` runs)
-#
-# Each renders exactly what `prospect.data.templates` renders in Python for the same conversation,
-# given in the OpenAI / Hugging Face message format (tool calls as `tool_calls`, tool answers as
-# role `tool`). The tools section and the `<tool_call>` blocks are Qwen2.5's format.
-
-_TOOLS_SECTION_JINJA = r"""
-{%- macro tools_section(tools) %}
-    {{- '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n' }}
-    {{- 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}
-    {%- for tool in tools %}
-        {%- if tool.type == 'function' %}
-            {{- '\n' + tool | tojson }}
-        {%- else %}
-            {{- '\n' + {'type': 'function', 'function': tool} | tojson }}
-        {%- endif %}
-    {%- endfor %}
-    {{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments within ' }}
-    {{- '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}' }}
-    {{- '\n</tool_call>' }}
-{%- endmacro %}
-{%- macro tool_call_block(call) %}
-    {%- if call.function is defined %}
-        {%- set call = call.function %}
-    {%- endif %}
-    {{- '<tool_call>\n{"name": "' + call.name + '", "arguments": ' }}
-    {%- if call.arguments is string %}
-        {{- call.arguments }}
-    {%- else %}
-        {{- call.arguments | tojson }}
-    {%- endif %}
-    {{- '}\n</tool_call>' }}
-{%- endmacro %}
-"""
-
-# Qwen2.5: the system turn always exists (default system prompt), tools go into it, consecutive
-# tool answers share one user turn.
-_QWEN_JINJA = r"""
-{%- if messages and messages[0].role == 'system' %}
-    {%- set system = messages[0].content %}
-{%- else %}
-    {%- set system = default_system %}
-{%- endif %}
-{%- if tools %}
-    {{- '<|im_start|>system\n' + system + '\n\n' + tools_section(tools) + '<|im_end|>\n' }}
-{%- else %}
-    {{- '<|im_start|>system\n' + system + '<|im_end|>\n' }}
-{%- endif %}
-{%- for message in messages %}
-    {%- if loop.first and message.role == 'system' %}
-    {%- elif message.role == 'assistant' and message.tool_calls %}
-        {{- '<|im_start|>assistant' }}
-        {%- if message.content %}
-            {{- '\n' + message.content }}
-        {%- endif %}
-        {%- for call in message.tool_calls %}
-            {{- '\n' + tool_call_block(call) }}
-        {%- endfor %}
-        {{- '<|im_end|>\n' }}
-    {%- elif message.role == 'tool' %}
-        {%- if loop.first or loop.previtem.role != 'tool' %}
-            {{- '<|im_start|>user' }}
-        {%- endif %}
-        {{- '\n<tool_response>\n' + message.content + '\n</tool_response>' }}
-        {%- if loop.last or loop.nextitem.role != 'tool' %}
-            {{- '<|im_end|>\n' }}
-        {%- endif %}
-    {%- else %}
-        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\n' }}
-{%- endif %}
-"""
-
-# ChatML and Llama 3 share one shape (see ChatMLTemplate): an optional system turn holding the
-# tools section, one turn per message, tool answers in their own turn. Only the markers differ.
-_CHATML_MARKERS = r"""
-{%- set begin = '' %}
-{%- macro header(role) %}{{- '<|im_start|>' + role + '\n' }}{%- endmacro %}
-{%- macro body(text) %}{{- text }}{%- endmacro %}
-{%- set end_of_turn = '<|im_end|>\n' %}
-{%- set observation_role = 'tool' %}
-"""
-_LLAMA3_MARKERS = r"""
-{%- set begin = '<|begin_of_text|>' %}
-{%- macro header(role) %}{{- '<|start_header_id|>' + role + '<|end_header_id|>\n\n' }}{%- endmacro %}
-{%- macro body(text) %}{{- text | trim }}{%- endmacro %}
-{%- set end_of_turn = '<|eot_id|>' %}
-{%- set observation_role = 'ipython' %}
-"""
-_CHATML_LIKE_JINJA = r"""
-{{- begin }}
-{%- if messages and messages[0].role == 'system' %}
-    {%- set system = messages[0].content %}
-    {%- set turns = messages[1:] %}
-{%- else %}
-    {%- set system = default_system %}
-    {%- set turns = messages %}
-{%- endif %}
-{%- if tools %}
-    {%- if not system %}
-        {%- set system = tools_section(tools) %}
-    {%- else %}
-        {%- set system = system + '\n\n' + tools_section(tools) %}
-    {%- endif %}
-{%- endif %}
-{%- if system is not none %}
-    {{- header('system') + body(system) + end_of_turn }}
-{%- endif %}
-{%- for message in turns %}
-    {%- if message.role == 'tool' %}
-        {{- header(observation_role) + body(message.content) + end_of_turn }}
-    {%- elif message.role == 'assistant' and message.tool_calls %}
-        {#- The calls, one block each, separated by newlines (a namespace survives the loop's scope). #}
-        {%- set calls = namespace(text='') %}
-        {%- for call in message.tool_calls %}
-            {%- set calls.text = calls.text + ('' if loop.first else '\n') + tool_call_block(call) %}
-        {%- endfor %}
-        {{- header('assistant') + body(calls.text) + end_of_turn }}
-    {%- else %}
-        {{- header(message.role) + body(message.content) + end_of_turn }}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- header('assistant') }}
-{%- endif %}
-"""
-
-# `auto` with a default system prompt: the tokenizer's own template, given a system turn when the
-# conversation has none (what JinjaTemplate does in Python).
-_WITH_DEFAULT_SYSTEM_JINJA = r"""
-{%- if not (messages and messages[0].role == 'system') %}
-    {%- set messages = [{'role': 'system', 'content': default_system}] + messages %}
-{%- endif %}
-"""
-
-
-def _jinja_string(value: str | None) -> str:
-    """A Python string as a Jinja literal (Jinja string literals take JSON's escapes)."""
-    return "none" if value is None else json.dumps(value, ensure_ascii=False)
-
-
-def chat_template_jinja(template) -> str:
-    """A Jinja chat template that renders like `template` (a prospect Template)."""
-    default = "{%- set default_system = " + _jinja_string(template.default_system) + " %}"
-    if template.name == "qwen":
-        return default + _TOOLS_SECTION_JINJA + _QWEN_JINJA
-    if template.name in ("chatml", "llama3"):
-        markers = _CHATML_MARKERS if template.name == "chatml" else _LLAMA3_MARKERS
-        return default + markers + _TOOLS_SECTION_JINJA + _CHATML_LIKE_JINJA
-    if template.name == "auto":
-        if template.default_system is None:
-            return template.chat_template
-        return default + _WITH_DEFAULT_SYSTEM_JINJA + template.chat_template
-    raise ValueError(f"no Jinja form for template {template.name!r}")
-
-
 def _probe_set(template) -> list[tuple[list[Message], list[dict], str]]:
     """(messages, tools, text as the training template renders it) for the conversations the saved
     chat template must reproduce. Conversations the training template itself refuses (say, a
@@ -267,8 +109,6 @@ def _probe_set(template) -> list[tuple[list[Message], list[dict], str]]:
 
 def renders_like(tokenizer, chat_template: str | None, template) -> bool:
     """Whether `chat_template` (Jinja) renders every probe conversation exactly as `template` does."""
-    from prospect.data.templates import to_hf_messages, to_hf_tools
-
     if not chat_template or not isinstance(chat_template, str):
         return False
     for messages, tools, expected in _probe_set(template):
@@ -308,7 +148,6 @@ def export_model(config) -> Path:
     from prospect.inference import load_inference_model, parse_adapters, read_run_config
     from prospect.model import model_folder
 
-    config.refuse_quantization()
     if not config.export_dir:
         raise UserError("export_dir is not set: say where the merged model goes, e.g. `export_dir=saves/merged`.")
     target = Path(config.export_dir).expanduser()
@@ -319,7 +158,10 @@ def export_model(config) -> Path:
     dtype = getattr(torch, dtype_name)
 
     print(f"Loading {config.model_name_or_path} in float32 ...", flush=True)
-    model, tokenizer, template = load_inference_model(config, device="cpu", dtype=torch.float32)
+    if config.quantization_bit is not None:  # as QLoRA adapters are deployed
+        print(f"QLoRA (quantization_bit: {config.quantization_bit}): the adapters are merged into the full-precision "
+              "base, and the export is checked against base + adapters in float32.", flush=True)
+    model, tokenizer, template = load_inference_model(config, device="cpu", dtype=torch.float32, quantize=False)
     prompts = _probe_prompts(template, tokenizer)
     if adapters:
         reference = _logits(model, prompts)

@@ -14,21 +14,16 @@ What lives here:
   stop string held back until it is complete. With several adapters loaded, each row can use its
   own adapter (PEFT's mixed-adapter batches; `BASE_MODEL` = adapters off).
 - **Replies** (`generate_replies`): conversations in, reply texts out, batched — what `eval` needs.
-- **Tool calls** (`parse_tool_calls`): the `<tool_call>{json}</tool_call>` blocks that the
-  `qwen` template (and `llama3`/`chatml`, which borrow its format) teaches the model to write.
 
-Heavy libraries (torch, transformers, peft) are imported inside functions so that importing this
-module stays cheap.
+Heavy libraries (torch, transformers, peft) are imported inside functions: importing this is cheap.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +188,8 @@ def attach_adapters(model, adapters: Sequence[AdapterSpec]):
     return model
 
 
-def load_inference_model(config, *, merge: bool = False, merged_first: Sequence[str] = (), device=None, dtype=None):
+def load_inference_model(config, *, merge: bool = False, merged_first: Sequence[str] = (), device=None, dtype=None,
+                         quantize: bool = True):
     """(model, tokenizer, template) for chat, serve, eval and export: the one place a model is loaded
     for anything but training.
 
@@ -202,25 +198,26 @@ def load_inference_model(config, *, merge: bool = False, merged_first: Sequence[
     little faster but leaves no way to switch them off). `merged_first` are adapter folders merged
     into the base weights before that (the base a chained run trained on, see `trained_on`). The
     template is the one the (last) adapter was trained with, see `resolve_template`. `device` and
-    `dtype` default to `inference_device_and_dtype` (export asks for float32 on the CPU).
+    `dtype` default to `inference_device_and_dtype` (export asks for float32 on the CPU). With
+    `quantization_bit` the base is loaded quantized, as it was trained, unless `quantize=False`
+    (export merges into the full-precision base).
     """
-    from prospect.model import load_model, merge_adapters
+    from prospect.model import load_model, merge_adapters, quantization_config
 
-    config.refuse_quantization()
     adapters = parse_adapters(config.adapter_name_or_path)
     warn_on_base_mismatch(config, adapters)
     tokenizer = load_tokenizer_for(config, adapters)
     default_device, default_dtype = inference_device_and_dtype(config)
     device, dtype = device or default_device, dtype or default_dtype
-    model = load_model(
-        config.model_name_or_path, dtype=dtype, trust_remote_code=config.trust_remote_code, cache_dir=config.cache_dir
-    )
-    model = merge_adapters(model, list(merged_first))
+    quantization = quantization_config(config, compute_dtype=dtype) if quantize else None
+    base = load_model(config.model_name_or_path, dtype=dtype, trust_remote_code=config.trust_remote_code,
+                      cache_dir=config.cache_dir, quantization=quantization, device=device)
+    model = merge_adapters(base, list(merged_first))
     if adapters:
         model = attach_adapters(model, adapters)
-        if merge:
+        if merge and quantization is None:  # merged into 4/8-bit weights, the update would be rounded away
             model = model.merge_and_unload()
-    model.to(device).eval()
+    (model if quantization is not None else model.to(device)).eval()  # a quantized model is on its device already
     template = resolve_template(config, tokenizer, adapters[-1].path if adapters else None)
     return model, tokenizer, template
 
@@ -500,57 +497,3 @@ def generate_replies(
         for i, result in zip(chunk, results):
             replies[i] = result.text
     return replies
-
-
-# --------------------------------------------------------------------------------------------------
-# Tool calls
-
-TOOL_CALL_OPEN = "<tool_call>"
-_TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.DOTALL)
-
-
-@dataclass
-class ToolCall:
-    name: str
-    arguments: str  # a JSON string, as the OpenAI API carries it
-    id: str = field(default_factory=lambda: "call_" + os.urandom(12).hex())
-
-
-def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
-    """Split a reply into (content, tool calls).
-
-    Calls are `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (Qwen2.5's format,
-    which every named template uses); the last block may lack its closing tag (the reply ran out
-    of tokens right after the JSON). The content is the text before the first block, stripped, or
-    None when empty. If any block is not a JSON object with a string `name`, the reply is not
-    treated as a tool call at all: the whole text comes back as content and the list is empty.
-    """
-    start = text.find(TOOL_CALL_OPEN)
-    if start < 0:
-        return text, []
-    calls = []
-    for match in _TOOL_CALL_BLOCK.finditer(text, start):
-        try:
-            call = json.loads(match.group(1))
-        except json.JSONDecodeError:
-            return text, []
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-            return text, []
-        arguments = call.get("arguments", call.get("parameters", {}))
-        if not isinstance(arguments, str):
-            arguments = json.dumps(arguments, ensure_ascii=False)
-        calls.append(ToolCall(name=call["name"], arguments=arguments))
-    content = text[:start].strip()
-    return (content or None), calls
-
-
-def tool_calls_as_message(calls: Sequence[ToolCall]) -> Message:
-    """The calls as a canonical `function_call` turn, to put back into the history."""
-    payload = []
-    for call in calls:
-        try:
-            arguments: Any = json.loads(call.arguments)
-        except json.JSONDecodeError:
-            arguments = call.arguments
-        payload.append({"name": call.name, "arguments": arguments})
-    return Message("function_call", json.dumps(payload, ensure_ascii=False))

@@ -179,12 +179,14 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 
 def load_model(name_or_path: str, *, dtype=None, trust_remote_code: bool = False, cache_dir: str | None = None,
-               attn_implementation: str | None = None):
-    """The base causal LM, on CPU, in `dtype` (default float32)."""
+               attn_implementation: str | None = None, quantization=None, device=None):
+    """The base causal LM, in `dtype` (default float32), on CPU; or, with a `quantization` config
+    (`quantization_config`), quantized straight onto `device` (bitsandbytes quantizes as it loads)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     folder = model_folder(name_or_path, cache_dir=cache_dir)
+    placement = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": device}}
     return _from_pretrained(
         AutoModelForCausalLM,
         folder,
@@ -192,7 +194,54 @@ def load_model(name_or_path: str, *, dtype=None, trust_remote_code: bool = False
         dtype=dtype or torch.float32,
         trust_remote_code=trust_remote_code,
         attn_implementation=attn_implementation,
+        **placement,
     )
+
+
+def quantization_config(config, compute_dtype):
+    """transformers' BitsAndBytesConfig for `quantization_bit` (None when unset). The matmuls of the
+    quantized layers run in `compute_dtype` (bfloat16 with bf16, else float32)."""
+    if config.quantization_bit is None:
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError(f"quantization_bit: {config.quantization_bit} needs bitsandbytes, which is not installed: "
+                        "pip install 'prospect[qlora]' (or remove the key).") from None
+    from transformers import BitsAndBytesConfig
+
+    if config.quantization_bit == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=config.quantization_type,
+                              bnb_4bit_use_double_quant=config.double_quantization, bnb_4bit_compute_dtype=compute_dtype)
+
+
+def check_gpu_keys(config, device) -> None:
+    """GPU-only keys on a machine that cannot honour them: exit 2 before anything loads."""
+    if config.enable_liger_kernel:
+        if device.type != "cuda":
+            raise UserError("enable_liger_kernel: true: liger-kernel's kernels are Triton kernels for CUDA GPUs, and "
+                            "this run has no CUDA device. Remove the key (or set it false) to train here.")
+        try:
+            import liger_kernel.transformers  # noqa: F401
+        except ImportError as err:
+            raise UserError(f"enable_liger_kernel: true needs liger-kernel ({err}): pip install liger-kernel, or "
+                            "remove the key.") from None
+
+
+def apply_liger_kernel(model) -> None:
+    """liger-kernel's fused RMSNorm, SwiGLU MLP and rotary embedding on the layers of `model` (a
+    transformers causal LM, before adapters). Its fused linear cross-entropy is left out: our
+    log-probs never build full logits (see `prospect.losses.token_logps`)."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    model_type = model.config.model_type
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:  # liger would only log a warning and do nothing
+        raise UserError(f"enable_liger_kernel: true: liger-kernel has no kernels for {model_type} models "
+                        f"(it covers {', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))}); remove the key.")
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
 
 
 def load_trainable_model(config, *, device, attn_implementation: str):
@@ -200,10 +249,12 @@ def load_trainable_model(config, *, device, attn_implementation: str):
     weights trainable (`full`), on `device`.
 
     LoRA: the frozen base is loaded in bfloat16 when `bf16` (half the memory; the adapters stay
-    float32, as PEFT keeps them), `lora_target: all` is every linear layer but the output head, and
-    `adapter_name_or_path` continues from existing adapters: all but the last are merged into the
-    base, the last one is trained further. Full fine-tuning keeps float32 master weights (mixed
-    precision comes from autocast).
+    float32, as PEFT keeps them), or quantized to 4 or 8 bits with `quantization_bit` (QLoRA),
+    `lora_target: all` is every linear layer but the output head, and `adapter_name_or_path`
+    continues from existing adapters: all but the last are merged into the base, the last one is
+    trained further. Full fine-tuning keeps float32 master weights (mixed precision comes from
+    autocast). `enable_liger_kernel` swaps in liger's fused layers; otherwise the MLPs use
+    `prospect.kernels`' lean one.
     """
     import torch
 
@@ -211,15 +262,26 @@ def load_trainable_model(config, *, device, attn_implementation: str):
 
     lora = config.finetuning_type == "lora"
     dtype = torch.bfloat16 if (config.bf16 and lora) else torch.float32
+    quantization = quantization_config(config, compute_dtype=dtype)
     model = load_model(config.model_name_or_path, dtype=dtype, trust_remote_code=config.trust_remote_code,
-                       cache_dir=config.cache_dir, attn_implementation=attn_implementation)
+                       cache_dir=config.cache_dir, attn_implementation=attn_implementation, quantization=quantization,
+                       device=device)
     model.config.use_cache = False  # no KV cache while training
-    use_lean_mlp(model)  # the MLPs keep 2 of their 3 largest activations for backward (prospect/kernels.py)
+    for module in model.modules():
+        # bitsandbytes repacks 4-bit weights for another CPU kernel at their first no-grad eval
+        # forward (a reference or eval pass), which rounds differently: training keeps one kernel,
+        # so a resumed run (which skips the reference pass) equals an uninterrupted one.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    if config.enable_liger_kernel:
+        apply_liger_kernel(model)
+    else:
+        use_lean_mlp(model)  # the MLPs keep 2 of their 3 largest activations for backward (prospect/kernels.py)
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if lora:
         model = _attach_lora(model, config)
-    return model.to(device)
+    return model if quantization is not None else model.to(device)  # a quantized model is on `device` already
 
 
 def merge_adapters(model, paths: list[str]):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prospect.data.example import Message
-from prospect.inference import TOOL_CALL_OPEN, ToolCall, parse_tool_calls
+from prospect.data.tool_calls import TOOL_CALL_OPEN, ToolCall, parse_tool_calls
 
 
 # --------------------------------------------------------------------------------------------------

@@ -206,23 +206,27 @@ def register_packed_attention() -> None:
     AttentionInterface.register(PACKED_EAGER_ATTENTION, packed_eager_attention)
 
 
-def packed_attention_implementation(flash_attn: str, device: torch.device) -> tuple[str, str | None]:
-    """The attention backend for packed batches, and a warning when the one asked for is unavailable.
+def packed_attention_implementation(flash_attn: str, device: torch.device) -> str:
+    """The attention backend for packed batches.
 
-    `flash_attn` is the config key: auto | fa2 | sdpa | disabled. fa2 needs CUDA and the flash-attn
-    package; disabled is the model's eager attention per packed sequence; everything else uses
-    `prospect_packed` (SDPA per sequence, which on CUDA dispatches to PyTorch's own flash /
-    memory-efficient kernels).
+    `flash_attn` is the config key: auto | fa2 | sdpa | disabled. fa2 is flash-attention 2's
+    variable-length kernel (transformers' `flash_attention_2`, which reads `cu_seq_lens_q/k`); it
+    needs CUDA and the flash-attn package, and asking for it where either is missing is an error.
+    auto takes fa2 where it can run, else `prospect_packed` (SDPA per sequence, which on CUDA
+    dispatches to PyTorch's own flash / memory-efficient kernels); disabled is the model's eager
+    attention per packed sequence.
     """
     import importlib.util
 
+    from prospect.errors import UserError
+
     has_fa2 = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
     if flash_attn in ("auto", "fa2") and has_fa2:
-        return "flash_attention_2", None
-    register_packed_attention()
-    if flash_attn == "disabled":
-        return PACKED_EAGER_ATTENTION, None
+        return "flash_attention_2"
     if flash_attn == "fa2":
-        why = "there is no CUDA device" if device.type != "cuda" else "the flash-attn package is not installed"
-        return PACKED_ATTENTION, f"flash_attn: fa2 is unavailable ({why}); using PyTorch SDPA per packed sequence."
-    return PACKED_ATTENTION, None
+        why = ("this run has no CUDA device (flash-attention is a CUDA kernel)" if device.type != "cuda"
+               else "the flash-attn package is not installed (pip install flash-attn --no-build-isolation)")
+        raise UserError(f"flash_attn: fa2: {why}. Use flash_attn: auto (fa2 where it can run, else PyTorch SDPA) "
+                        "or sdpa.")
+    register_packed_attention()
+    return PACKED_EAGER_ATTENTION if flash_attn == "disabled" else PACKED_ATTENTION

@@ -120,6 +120,8 @@ def _check_gpu_only_options(config: RunConfig, use_gpu: bool) -> None:
     wanted = [
         (fsdp in ("1", "true", "yes"), "ACCELERATE_USE_FSDP shards the model across GPUs"),
         (config.fp16, "fp16: true needs CUDA"),
+        (config.enable_liger_kernel, "enable_liger_kernel: true needs CUDA (liger's kernels are Triton GPU kernels)"),
+        (config.flash_attn == "fa2", "flash_attn: fa2 needs CUDA"),
     ]
     reasons = [reason for present, reason in wanted if present]
     if reasons:

@@ -71,6 +71,8 @@ def reference_key(config: RunConfig, examples: Examples) -> str:
         "cutoff_len": config.cutoff_len,
         "examples": examples.fingerprint,
     }
+    if config.quantization_bit == 4:  # only then: keys of runs without it stay what they were
+        parts["quantization_4bit"] = [config.quantization_type, config.double_quantization]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 

@@ -49,7 +49,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from prospect.errors import UserError
-from prospect.inference import BASE_MODEL, Generated, ToolCall, parse_tool_calls
+from prospect.data.tool_calls import ToolCall, parse_tool_calls
+from prospect.inference import BASE_MODEL, Generated
 from prospect.openai_api import ApiError, ServedModel, ToolCallHoldback, bad_request, parse_request
 
 # --------------------------------------------------------------------------------------------------
@@ -399,7 +400,6 @@ def serve(config) -> None:
     """`prospect serve`: load the models, listen, answer until Ctrl-C."""
     import uvicorn
 
-    config.refuse_quantization()
     sock = listening_socket(config.host, config.port)  # before loading: a busy port fails fast
     app = create_app(config)
     host, port = sock.getsockname()[:2]

@@ -47,7 +47,7 @@ from prospect.config import RunConfig
 from prospect.data.pipeline import prepare_data
 from prospect.errors import UserError
 from prospect.forward import HiddenStates, Window, reduce_sums
-from prospect.model import load_tokenizer, load_trainable_model
+from prospect.model import check_gpu_keys, load_tokenizer, load_trainable_model
 from prospect.objectives import objective_for
 from prospect.packing import packed_attention_implementation
 from prospect.reference import reference_model
@@ -85,6 +85,8 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))])
     main = accelerator.is_main_process
     say = print if main else (lambda *a, **k: None)
+    check_gpu_keys(config, accelerator.device)  # before anything is written or loaded
+    attention = packed_attention_implementation(config.flash_attn, accelerator.device)
     output_dir = Path(config.output_dir)
     if main:
         checkpoints.prepare_output_dir(config.output_dir, overwrite=config.overwrite_output_dir,
@@ -108,12 +110,6 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
         say(line)
 
     # --- model, optimizer, schedule ------------------------------------------------------------
-    attention, warning = packed_attention_implementation(config.flash_attn, accelerator.device)
-    if warning:
-        say(f"warning: {warning}")
-    if config.enable_liger_kernel:  # its fused linear + cross-entropy is what token_logps already does
-        say("warning: enable_liger_kernel is not applied: log-probs are already computed in chunks without "
-            "full logits; liger's fused norm/MLP kernels are not wired in yet.")
     model = load_trainable_model(config, device=accelerator.device, attn_implementation=attention)
     lora = config.finetuning_type == "lora"
     frozen_reference = None

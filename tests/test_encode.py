@@ -9,7 +9,8 @@ import pytest
 
 from prospect.data.encode import IGNORE_INDEX, DroppedExample, DropReason, EncodedExample, encode_example
 from prospect.data.example import Example, Message
-from prospect.data.templates import get_template, to_hf_messages, to_hf_tools
+from prospect.data.templates import get_template
+from prospect.data.tool_calls import to_hf_messages, to_hf_tools
 from prospect.errors import UserError
 
 from test_templates import (  # tests/ is on sys.path (pytest's rootdir-less prepend import)

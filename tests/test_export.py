@@ -16,7 +16,8 @@ import pytest
 
 from prospect.config import load_config
 from prospect.data.example import Message
-from prospect.data.templates import get_template, to_hf_messages, to_hf_tools
+from prospect.data.templates import get_template
+from prospect.data.tool_calls import to_hf_messages, to_hf_tools
 from prospect.errors import UserError
 
 # --------------------------------------------------------------------------------------------------
@@ -300,7 +301,8 @@ CONVERSATIONS = [
 def test_saved_chat_template_renders_exactly_like_the_training_template(
     request, glaive_records, tokenizer_fixture, template_name, default_system
 ):
-    from prospect.export import chat_template_jinja, training_chat_template
+    from prospect.data.templates import chat_template_jinja
+    from prospect.export import training_chat_template
 
     tokenizer = request.getfixturevalue(tokenizer_fixture)
     template = get_template(template_name, tokenizer, default_system)

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from prospect.data.example import Example, Message
-from prospect.data.formats import data_files, load_examples, read_records
+from prospect.data.files import data_files, read_records
+from prospect.data.formats import load_examples
 from prospect.data.registry import DatasetSpec, resolve_datasets
 from prospect.errors import UserError
 

@@ -18,7 +18,7 @@ import pytest
 
 from prospect.config import load_config
 from prospect.data.example import Message
-from prospect.inference import parse_tool_calls
+from prospect.data.tool_calls import parse_tool_calls
 
 # The tiny-model builders live in test_export.py (pytest puts tests/ on sys.path).
 from test_export import build_random_adapter, build_tiny_qwen, one_torch_thread  # noqa: F401 (autouse)

@@ -9,13 +9,8 @@ import types
 import pytest
 
 from prospect.data.example import Message
-from prospect.data.templates import (
-    JinjaTemplate,
-    format_tools_section,
-    get_template,
-    to_hf_messages,
-    to_hf_tools,
-)
+from prospect.data.templates import JinjaTemplate, get_template
+from prospect.data.tool_calls import to_hf_messages, to_hf_tools
 from prospect.errors import UserError
 
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -247,13 +242,21 @@ TOOL_CONVERSATION = conversation(
     ("assistant", "It is 3."),
 )
 TOOL_CALL_TEXT = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+# Qwen2.5's tools section for TOOLS, written out by hand from its official template.
+TOOLS_SECTION = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+    '{"type": "function", "function": {"name": "add", "description": "Add two numbers", '
+    '"parameters": {"type": "object"}}}\n</tools>\n\n'
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+)
 
 
 def test_chatml_writes_tools_the_qwen_way_with_tool_role():
     rendered = get_template("chatml", None, "Be exact.").render(TOOL_CONVERSATION, TOOLS)
-    tools_section = format_tools_section(to_hf_tools(TOOLS))
-    assert tools_section.startswith("# Tools\n\nYou may call one or more functions")
-    assert '<tools>\n{"type": "function", "function": {"name": "add", "description": "Add two numbers"' in tools_section
+    tools_section = TOOLS_SECTION
     assert rendered.text == (
         "<|im_start|>system\nBe exact.\n\n" + tools_section + "<|im_end|>\n"
         "<|im_start|>user\n1+2?<|im_end|>\n"
@@ -269,7 +272,7 @@ def test_chatml_writes_tools_the_qwen_way_with_tool_role():
 
 def test_llama3_writes_tools_the_qwen_way_with_ipython_role():
     rendered = get_template("llama3", None).render(TOOL_CONVERSATION, TOOLS)
-    tools_section = format_tools_section(to_hf_tools(TOOLS))
+    tools_section = TOOLS_SECTION
     assert rendered.text == (
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + tools_section + "<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\n1+2?<|eot_id|>"
@@ -355,3 +358,61 @@ def test_templates_survive_pickling(smollm_tokenizer):
     for template in (get_template("qwen", None), get_template("auto", smollm_tokenizer)):
         clone = pickle.loads(pickle.dumps(template))
         assert clone.render(messages, tools) == template.render(messages, tools)
+
+
+# --------------------------------------------------------------------------------------------------
+# One definition, read two ways: our renderer (text + trained spans) against transformers' own
+# `apply_chat_template` on the same Jinja, whose `return_assistant_tokens_mask` reads the
+# `{% generation %}` blocks with its own code. The exported form (tags removed) renders the same text.
+
+CONTENTS = ["Hi.", "  Grüße — 日本語で答えて?  \n", "Line one.\nLine two.", "", " leading space", "7 is prime.",
+            "{\"json\": [1, 2]}", "Tabs\tand trailing  ", "Ça va ?", "a" * 40]
+
+
+def random_conversation(rng) -> tuple[list[Message], list[dict]]:
+    """A seeded conversation: optional system, user/assistant turns, sometimes calls and observations."""
+    messages = [Message("system", rng.choice(CONTENTS))] if rng.random() < 0.4 else []
+    uses_tools = rng.random() < 0.4
+    for _ in range(rng.randint(1, 4)):
+        messages.append(Message("user", rng.choice(CONTENTS)))
+        if uses_tools and rng.random() < 0.5:
+            calls = [{"name": rng.choice(["add", "lookup"]), "arguments": {"a": rng.randint(0, 9), "q": "Zürich"}}
+                     for _ in range(rng.randint(1, 2))]
+            messages.append(Message("function_call", json.dumps(calls if len(calls) > 1 else calls[0])))
+            for _ in range(rng.randint(1, 2)):
+                messages.append(Message("observation", rng.choice(['{"result": 3}', "3", "no data"])))
+        messages.append(Message("assistant", rng.choice(CONTENTS)))
+    return messages, (TOOLS if uses_tools else [])
+
+
+@pytest.mark.parametrize("template_name,tokenizer_fixture", [("qwen", "qwen_tokenizer"), ("chatml", "qwen_tokenizer"),
+                                                             ("llama3", "llama3_tokenizer")])
+def test_named_templates_render_alike_in_transformers_with_the_same_trained_tokens(
+    request, template_name, tokenizer_fixture
+):
+    import random
+
+    from prospect.data.templates import chat_template_jinja
+
+    tokenizer = request.getfixturevalue(tokenizer_fixture)
+    rng = random.Random(20)
+    for default_system in (None, "Be brief."):
+        template = get_template(template_name, tokenizer, default_system)
+        exported = chat_template_jinja(template)
+        assert "generation %}" not in exported and "{%- generation %}" in template.source
+        for case in range(150):
+            messages, tools = random_conversation(rng)
+            rendered = template.render(messages, tools)
+            hf_messages, hf_tools = to_hf_messages(messages), to_hf_tools(tools) or None
+            assert tokenizer.apply_chat_template(hf_messages, tools=hf_tools, chat_template=exported,
+                                                 tokenize=False) == rendered.text, case
+            hf = tokenizer.apply_chat_template(hf_messages, tools=hf_tools, chat_template=template.source,
+                                               tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+            offsets = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            assert list(hf["input_ids"]) == token_ids(tokenizer, rendered.text), case
+            # transformers marks every token that overlaps a generation block
+            overlaps = [int(any(start < span.end and span.start < end for span in rendered.trained_spans))
+                        for start, end in offsets]
+            assert list(hf["assistant_masks"]) == overlaps, case
+            trained = [i for i, m in enumerate(messages) if m.role in ("assistant", "function_call")]
+            assert [span.message_index for span in rendered.trained_spans] == trained, case

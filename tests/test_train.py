@@ -444,7 +444,7 @@ def test_kl_pass_on_cached_prompts_equals_whole_kl_pairs(tmp_path, tiny_model_di
     config = make_config(tmp_path, tiny_model_dir, cutoff_len=cutoff_len)
     examples = Examples(prepare_data(config, load_tokenizer(config.model_name_or_path)).train, stage="kto",
                         cutoff_len=cutoff_len, seed=3)
-    attention, _ = packed_attention_implementation("auto", torch.device("cpu"))
+    attention = packed_attention_implementation("auto", torch.device("cpu"))
     model = load_trainable_model(config, device=torch.device("cpu"), attn_implementation=attention)
     torch.manual_seed(0)
     with torch.no_grad():

@@ -1,13 +1,6 @@
-"""Read dataset files and convert their records into canonical `Example`s, checking every record.
+"""Convert the records of dataset files into canonical `Example`s, checking every record.
 
-Files
------
-A dataset's `file_name` is a file or a folder. Readable files: `.json` (one JSON list of records;
-a `.json` file that actually holds JSON Lines is read as such), `.jsonl` (one record per line,
-blank lines ignored), `.parquet` and `.csv` (through pyarrow; a CSV column of true/false becomes
-booleans). A folder is read as its files in sorted name order; they must share one extension, and
-names starting with "." or "_" (`.DS_Store`, `_SUCCESS`) are ignored. Record indexes are 0-based
-and count per file, so `origin` ("path#index") and error messages point at the exact record.
+Files are read by `prospect.data.files` (json, jsonl, parquet, csv; a folder of them).
 
 Formats (the entry's `formatting`)
 ----------------------------------
@@ -45,6 +38,7 @@ columns reads exactly what it maps, as LLaMA-Factory does.
 
 Checks (each failure names the file, the record and the field, and says how to fix it)
 -------------------------------------------------------------------------------------------
+(the field checks shared by every format are in `prospect.data.records`)
 - Conversation order: an optional system turn first, then user/observation turns alternating
   with assistant/function_call turns, starting with a user turn and ending with an assistant or
   function_call turn (the response that is trained, or rated by KTO). A system turn anywhere else,
@@ -69,17 +63,24 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from prospect.data.example import Example, Message
+from prospect.data.example import Example
+from prospect.data.files import UnreadableLine, data_files, read_file_records, unreadable_message
+from prospect.data.records import (
+    Layout,
+    RecordError,
+    build_conversation,
+    parse_label,
+    parse_preference,
+    parse_tools,
+    require,
+    shown,
+)
 from prospect.data.registry import DEFAULT_TAGS, DatasetSpec, json_type
 from prospect.errors import UserError
 
-READABLE_EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
 STAGES = ("sft", "kto")
-USER_SIDE = ("user", "observation")
-MODEL_SIDE = ("assistant", "function_call")
 
 
 @dataclass
@@ -90,206 +91,6 @@ class SkippedRecord:
     reason: str  # the full message the record would have raised
     index: int  # 0-based record index in its file
     field: str | None = None  # the offending field, when one is to blame
-
-
-@dataclass
-class Layout:
-    """How to read one dataset's records: its format and the record keys of each column role.
-
-    A column role mapped to None is not read. `tags` are the ShareGPT tag names (sharegpt only).
-    `detected` says the format came from the first record rather than from the entry.
-    """
-
-    format: str
-    columns: dict[str, str | None]
-    tags: dict[str, str] = field(default_factory=dict)
-    detected: bool = False
-
-
-class _RecordError(Exception):
-    """A problem with one record; load_examples adds the file and record index to the message."""
-
-    def __init__(self, field_name: str | None, problem: str):
-        super().__init__(problem)
-        self.field_name = field_name
-        self.problem = problem
-
-
-class _UnreadableLine:
-    """Stands in for a JSONL line that is not valid JSON, so it can be skipped like a record."""
-
-    __slots__ = ("lineno", "problem")
-
-    def __init__(self, lineno: int, problem: str):
-        self.lineno = lineno
-        self.problem = problem
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading files
-
-
-def _shown(value, limit: int = 60) -> str:
-    """A short JSON rendering of a value to quote in an error message."""
-    try:
-        text = json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def data_files(path: str) -> list[str]:
-    """The data files behind a dataset path: the file itself, or a folder's files in name order.
-
-    Raises UserError for a missing path, an unreadable extension, an empty folder, a folder with
-    subfolders or with files of different extensions.
-    """
-    if os.path.isfile(path):
-        _check_extension(path)
-        return [path]
-    if not os.path.isdir(path):
-        raise UserError(f"{path}: no such file or folder. Check file_name and dataset_dir.")
-    files = []
-    for name in sorted(os.listdir(path)):
-        if name.startswith((".", "_")):  # .DS_Store, _SUCCESS and similar bookkeeping files
-            continue
-        full = os.path.join(path, name)
-        if os.path.isdir(full):
-            raise UserError(
-                f"{full}: a folder dataset is read one level deep, and this is a subfolder: "
-                f"move its files up or name it as its own dataset."
-            )
-        files.append(full)
-    if not files:
-        raise UserError(f"{path}: the folder holds no data files.")
-    for full in files:
-        _check_extension(full)
-    extension = _extension(files[0])
-    for full in files[1:]:
-        if _extension(full) != extension:
-            raise UserError(
-                f"{path}: a folder dataset needs files of one kind, but it mixes {files[0]} and "
-                f"{full}: convert them to one format or move the odd ones out."
-            )
-    return files
-
-
-def _extension(path: str) -> str:
-    return os.path.splitext(path)[1].lower()
-
-
-def _check_extension(path: str) -> None:
-    extension = _extension(path)
-    if extension in READABLE_EXTENSIONS:
-        return
-    if extension == ".txt":
-        raise UserError(
-            f"{path}: plain-text files hold pre-training data, and prospect trains sft and kto: "
-            f"convert it to .json/.jsonl records with a prompt and a response."
-        )
-    raise UserError(
-        f"{path}: cannot read files of type \"{extension or '(no extension)'}\"; use one of "
-        f"{', '.join(READABLE_EXTENSIONS)}."
-    )
-
-
-def _read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8-sig") as handle:  # -sig: tolerate a byte-order mark
-            return handle.read()
-    except UnicodeDecodeError as err:
-        raise UserError(
-            f"{path}: not UTF-8 text (bad byte at offset {err.start}): save it as UTF-8."
-        ) from None
-    except OSError as err:
-        raise UserError(f"{path}: cannot read it ({err.strerror}).") from None
-
-
-def _parse_jsonl(text: str) -> list:
-    """Records of a JSON Lines text; a line that is not valid JSON becomes an _UnreadableLine."""
-    records: list = []
-    loads = json.loads
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(loads(line))
-        except json.JSONDecodeError as err:
-            records.append(_UnreadableLine(lineno, f"{err.msg} at column {err.colno}"))
-    return records
-
-
-def _read_json(path: str) -> list:
-    text = _read_text(path)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        # Many JSON Lines files are named .json (the `datasets` library reads both); a JSON Lines
-        # text fails here with "Extra data" right after the first object.
-        if err.msg == "Extra data" and text.lstrip().startswith("{"):
-            return _parse_jsonl(text)
-        raise UserError(
-            f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}. "
-            f"A .json dataset must be one JSON list of records: fix the file there."
-        ) from None
-    if isinstance(data, dict):
-        # One object alone on its line is a one-record JSON Lines file; anything else is not a list.
-        if "\n" not in text.strip():
-            return [data]
-        raise UserError(
-            f"{path}: the file holds one JSON object, but a dataset is a JSON list of records "
-            f"([{{...}}, {{...}}]) or JSON Lines (one object per line)."
-        )
-    if not isinstance(data, list):
-        raise UserError(
-            f"{path}: expected a JSON list of records, got {json_type(data)}."
-        )
-    return data
-
-
-def _read_jsonl(path: str) -> list:
-    return _parse_jsonl(_read_text(path))
-
-
-def _read_parquet(path: str) -> list:
-    import pyarrow.parquet as pq  # lazy: keep `import prospect.data.formats` light
-
-    try:
-        return pq.read_table(path).to_pylist()
-    except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a broken file
-        raise UserError(f"{path}: cannot read it as Parquet ({err}).") from None
-
-
-def _read_csv(path: str) -> list:
-    import pyarrow.csv as pacsv  # lazy, as above
-
-    try:
-        return pacsv.read_csv(path).to_pylist()
-    except Exception as err:
-        raise UserError(f"{path}: cannot read it as CSV ({err}).") from None
-
-
-_READERS = {".json": _read_json, ".jsonl": _read_jsonl, ".parquet": _read_parquet,
-            ".csv": _read_csv}
-
-
-def read_records(path: str) -> list:
-    """All records of one data file, as Python values (normally dicts), in file order.
-
-    A JSON Lines line that is not valid JSON raises UserError with its line number.
-    """
-    records = _READERS[_extension(path)](path)
-    for index, record in enumerate(records):
-        if isinstance(record, _UnreadableLine):
-            raise UserError(_unreadable_message(path, index, record))
-    return records
-
-
-def _unreadable_message(path: str, index: int, line: _UnreadableLine) -> str:
-    return (
-        f"{path}: record {index} (line {line.lineno}): invalid JSON ({line.problem}). Each line "
-        f"of a JSON Lines file must be one complete JSON object: fix or remove line {line.lineno}."
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,229 +175,7 @@ def layout_for(spec: DatasetSpec, first_record) -> Layout:
 
 
 # ----------------------------------------------------------------------------------------------
-# Field checks shared by the converters
-
-
-def _turn_field(column: str, index: int | None, key: str | None) -> str:
-    """'conversations[2].value' for a turn of a list; just the column for a plain-string turn."""
-    if index is None:
-        return column
-    return f"{column}[{index}].{key}" if key else f"{column}[{index}]"
-
-
-def _parse_label(record: dict, key: str | None, stage: str) -> bool | None:
-    """The KTO label in `record[key]`: a JSON boolean, required when stage is kto."""
-    value = record.get(key) if key else None
-    if value is None:
-        if stage == "kto":
-            raise _RecordError(
-                key or "label",
-                "missing. Stage kto needs a label on every record: true (desirable) or false "
-                "(undesirable).",
-            )
-        return None
-    if value is True or value is False:
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        raise _RecordError(
-            key,
-            f"expected true or false, got the string {_shown(value)}, which is not a boolean. "
-            f"KTO labels are booleans (true = desirable): write {value.strip().lower()} without "
-            f"quotes.",
-        )
-    raise _RecordError(
-        key,
-        f"expected true or false, got {_shown(value)}. KTO labels are booleans (true = desirable).",
-    )
-
-
-def _parse_preference(record: dict, key: str, stage: str) -> bool | None:
-    """NeMo-Aligner's KTO preference: "chosen" -> True, "rejected" -> False."""
-    value = record.get(key)
-    if value is None:
-        if stage == "kto":
-            raise _RecordError(
-                key, 'missing. Stage kto needs "chosen" (desirable) or "rejected" (undesirable) '
-                "on every record.",
-            )
-        return None
-    if value == "chosen":
-        return True
-    if value == "rejected":
-        return False
-    raise _RecordError(
-        key, f'expected "chosen" or "rejected", got {_shown(value)}. NeMo-Aligner KTO data marks '
-        f'a desirable response "chosen" and an undesirable one "rejected".',
-    )
-
-
-def _parse_tools(value, key: str, cache: dict) -> list[dict]:
-    """Tool definitions: a JSON list of objects, given as a list or as a string that holds one.
-
-    `cache` maps tool strings already parsed in this dataset to their lists: many records offer
-    the same tools, and parsing them once per record was a third of the load time. Examples
-    with the same tools string therefore share one (read-only) list.
-    """
-    if value is None or value == "":
-        return []
-    text = None
-    if isinstance(value, str):
-        cached = cache.get(value)
-        if cached is not None:
-            return cached
-        text = value
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise _RecordError(
-                key, f"invalid JSON ({err.msg} at column {err.colno}). Tools are a JSON list of "
-                f"tool definitions, as a list or a string holding one.",
-            ) from None
-    if isinstance(value, dict):
-        raise _RecordError(
-            key, 'expected a JSON list of tool definitions, got a single object: wrap it in [ ].'
-        )
-    if not isinstance(value, list):
-        raise _RecordError(
-            key, f"expected a JSON list of tool definitions, got {json_type(value)} "
-            f"{_shown(value)}.",
-        )
-    for position, tool in enumerate(value):
-        if not isinstance(tool, dict):
-            raise _RecordError(
-                f"{key}[{position}]", f"expected a tool definition (an object with a \"name\"), "
-                f"got {json_type(tool)}.",
-            )
-    if text is not None:
-        cache[text] = value
-    return value
-
-
-def _check_function_call(content: str, field_name: str) -> None:
-    """A function_call turn's content must be JSON: {"name", "arguments"} or a list of those."""
-    try:
-        call = json.loads(content)
-    except json.JSONDecodeError as err:
-        raise _RecordError(
-            field_name, f'a function_call turn must hold a JSON object {{"name": ..., '
-            f'"arguments": {{...}}}} (or a JSON list of them); got invalid JSON ({err.msg} at '
-            f"column {err.colno}): {_shown(content)}.",
-        ) from None
-    calls = call if isinstance(call, list) else [call]
-    if not calls:
-        raise _RecordError(field_name, "a function_call turn holds an empty list of calls.")
-    for one in calls:
-        if not isinstance(one, dict) or not isinstance(one.get("name"), str) or not one["name"]:
-            raise _RecordError(
-                field_name, f'each call in a function_call turn needs a "name" (the tool to '
-                f'call) and "arguments"; got {_shown(one)}.',
-            )
-
-
-def _order_error(turn: tuple, position: int, step: int) -> _RecordError:
-    """The error for a turn whose role breaks the user/assistant alternation."""
-    role, _, shown_role, column, index, role_key, _ = turn
-    if role == "system":
-        wanted = "a system turn may only come first"
-    elif step == 0:
-        wanted = "the first turn after the system turn must be a user turn"
-    elif step % 2 == 0:
-        wanted = "a user or observation turn was expected there"
-    else:
-        wanted = "an assistant or function_call turn was expected there"
-    return _RecordError(
-        _turn_field(column, index, role_key),
-        f"turn {position} has role {_shown(shown_role)} ({role}), but {wanted}. After an "
-        f"optional system turn, user/observation turns must alternate with "
-        f"assistant/function_call turns, starting with a user turn.",
-    )
-
-
-def _build_conversation(turns: list[tuple], system: str | None, messages_field: str,
-                        stage: str) -> list[Message]:
-    """Check a conversation and return it as Messages.
-
-    `turns` holds (role, content, shown_role, column, index, role_key, content_key) per turn,
-    where role is canonical and shown_role is the value written in the file; fields are named
-    lazily from column/index/keys, only when something is wrong. `system` comes from a system
-    column and is used when the turns have no system turn of their own.
-    """
-    messages: list[Message] = []
-    first = 0
-    if turns and turns[0][0] == "system":
-        _, content, _, column, index, _, content_key = turns[0]
-        if not isinstance(content, str):
-            raise _RecordError(_turn_field(column, index, content_key),
-                               f"expected a string, got {json_type(content)}.")
-        if content and not content.isspace():
-            messages.append(Message("system", content))
-        first = 1
-    elif system and not system.isspace():
-        messages.append(Message("system", system))
-
-    if len(turns) == first:
-        raise _RecordError(messages_field, "no user and assistant turns: the conversation is "
-                           "empty. Give it a user turn and an assistant turn, or remove the "
-                           "record.")
-
-    append = messages.append
-    for position in range(first, len(turns)):
-        turn = turns[position]
-        role, content = turn[0], turn[1]
-        step = position - first
-        # The hot loop of loading: plain comparisons, and messages built only on failure.
-        if step & 1:
-            in_order = role == "assistant" or role == "function_call"
-        elif step:
-            in_order = role == "user" or role == "observation"
-        else:
-            in_order = role == "user"
-        if not in_order:
-            raise _order_error(turn, position, step)
-        if content.__class__ is not str:
-            raise _RecordError(_turn_field(turn[3], turn[4], turn[6]),
-                               f"expected a non-empty string, got {json_type(content)} "
-                               f"{_shown(content)}.")
-        if not content or content.isspace():
-            raise _RecordError(_turn_field(turn[3], turn[4], turn[6]),
-                               f"empty content in the {role} turn: give it text, or remove the "
-                               f"turn or the record.")
-        if role == "function_call":
-            _check_function_call(content, _turn_field(turn[3], turn[4], turn[6]))
-        append(Message(role, content))
-
-    last_role, _, last_shown, column, index, role_key, _ = turns[-1]
-    if last_role not in MODEL_SIDE:
-        why = ("KTO rates the last assistant turn, so a KTO example must end with one"
-               if stage == "kto" else "the conversation must end with the response to train on")
-        raise _RecordError(
-            _turn_field(column, index, role_key),
-            f"the last turn is {_shown(last_shown)} ({last_role}), but {why}: "
-            f"end it with an assistant (or function_call) turn.",
-        )
-    return messages
-
-
-def _require(record: dict, key: str | None, role: str, layout: Layout):
-    """record[key] for a required column; a clear error when the column is missing or null."""
-    value = record.get(key) if key else None
-    if value is None:
-        shown_key = key or role
-        if layout.detected:
-            hint = (f"The format was detected as {layout.format} from the first record's keys; "
-                    f"if that is wrong, set \"formatting\" (alpaca, sharegpt, trl, nemo) and "
-                    f"\"columns\" for this dataset in dataset_info.json.")
-        else:
-            hint = (f"It is the {layout.format} {role} column: add it to the record, or map "
-                    f"\"{role}\" under \"columns\" in dataset_info.json to the field that "
-                    f"holds it.")
-        state = "null" if key in record else "missing"
-        raise _RecordError(shown_key, f"{state}. {hint}")
-    return value
-
-
-# ----------------------------------------------------------------------------------------------
-# Converters: (record) -> (messages, tools, label); errors are _RecordError
+# Converters: (record) -> (messages, tools, label); errors are RecordError
 
 
 def _alpaca_converter(layout: Layout, stage: str):
@@ -607,26 +186,26 @@ def _alpaca_converter(layout: Layout, stage: str):
                                                      cols["tools"], cols["kto_tag"])
 
     def convert(record: dict):
-        instruction = _require(record, prompt_key, "prompt", layout)
+        instruction = require(record, prompt_key, "prompt", layout)
         if not isinstance(instruction, str):
-            raise _RecordError(prompt_key, f"expected a string, got {json_type(instruction)}.")
+            raise RecordError(prompt_key, f"expected a string, got {json_type(instruction)}.")
         query = record.get(query_key) if query_key else None
         if query is not None and not isinstance(query, str):
-            raise _RecordError(query_key, f"expected a string, got {json_type(query)}.")
+            raise RecordError(query_key, f"expected a string, got {json_type(query)}.")
         user_text = "\n".join(part for part in (instruction, query) if part)
-        response = _require(record, response_key, "response", layout)
+        response = require(record, response_key, "response", layout)
 
         turns: list[tuple] = []
         history = record.get(history_key) if history_key else None
         if history is not None:
             if not isinstance(history, list):
-                raise _RecordError(history_key, f"expected a list of [instruction, response] "
+                raise RecordError(history_key, f"expected a list of [instruction, response] "
                                    f"pairs, got {json_type(history)}.")
             for position, pair in enumerate(history):
                 if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-                    raise _RecordError(
+                    raise RecordError(
                         f"{history_key}[{position}]",
-                        f"expected an [instruction, response] pair, got {_shown(pair)}.",
+                        f"expected an [instruction, response] pair, got {shown(pair)}.",
                     )
                 turns.append(("user", pair[0], "user", f"{history_key}[{position}]", 0, None, None))
                 turns.append(("assistant", pair[1], "assistant", f"{history_key}[{position}]", 1,
@@ -637,10 +216,10 @@ def _alpaca_converter(layout: Layout, stage: str):
 
         system = record.get(system_key) if system_key else None
         if system is not None and not isinstance(system, str):
-            raise _RecordError(system_key, f"expected a string, got {json_type(system)}.")
-        messages = _build_conversation(turns, system, prompt_key, stage)
-        tools = _parse_tools(record.get(tools_key), tools_key, tools_cache) if tools_key else []
-        return messages, tools, _parse_label(record, label_key, stage)
+            raise RecordError(system_key, f"expected a string, got {json_type(system)}.")
+        messages = build_conversation(turns, system, prompt_key, stage)
+        tools = parse_tools(record.get(tools_key), tools_key, tools_cache) if tools_key else []
+        return messages, tools, parse_label(record, label_key, stage)
 
     return convert
 
@@ -656,17 +235,17 @@ def _sharegpt_converter(layout: Layout, stage: str):
                                        "observation")}
     role_of.update({DEFAULT_TAGS[tag]: role for tag, role in _TAG_ROLES.items()})
     role_of.update({tags[tag]: role for tag, role in _TAG_ROLES.items()})
-    accepted = ", ".join(_shown(name) for name in role_of)
+    accepted = ", ".join(shown(name) for name in role_of)
 
     def convert(record: dict):
-        raw_turns = _require(record, messages_key, "messages", layout)
+        raw_turns = require(record, messages_key, "messages", layout)
         if not isinstance(raw_turns, list):
-            raise _RecordError(messages_key, f"expected a list of turns, got "
+            raise RecordError(messages_key, f"expected a list of turns, got "
                                f"{json_type(raw_turns)}.")
         turns = []
         for index, turn in enumerate(raw_turns):
             if not isinstance(turn, dict):
-                raise _RecordError(f"{messages_key}[{index}]", f"expected an object with "
+                raise RecordError(f"{messages_key}[{index}]", f"expected an object with "
                                    f"\"{role_key}\" and \"{content_key}\", got {json_type(turn)}.")
             shown_role = turn.get(role_key)
             if shown_role is None:
@@ -674,22 +253,22 @@ def _sharegpt_converter(layout: Layout, stage: str):
                 if "role" in turn and role_key != "role":
                     hint = (' This turn uses "role"/"content": add "tags": {"role_tag": "role", '
                             '"content_tag": "content"} to the dataset\'s entry.')
-                raise _RecordError(f"{messages_key}[{index}].{role_key}", f"missing.{hint}")
+                raise RecordError(f"{messages_key}[{index}].{role_key}", f"missing.{hint}")
             role = role_of.get(shown_role) if isinstance(shown_role, str) else None
             if role is None:
-                raise _RecordError(
+                raise RecordError(
                     f"{messages_key}[{index}].{role_key}",
-                    f"unknown role {_shown(shown_role)}; expected one of {accepted} (set \"tags\" "
+                    f"unknown role {shown(shown_role)}; expected one of {accepted} (set \"tags\" "
                     f"in dataset_info.json if the file uses other names).",
                 )
             turns.append((role, turn.get(content_key), shown_role, messages_key, index, role_key,
                           content_key))
         system = record.get(system_key) if system_key else None
         if system is not None and not isinstance(system, str):
-            raise _RecordError(system_key, f"expected a string, got {json_type(system)}.")
-        messages = _build_conversation(turns, system, messages_key, stage)
-        tools = _parse_tools(record.get(tools_key), tools_key, tools_cache) if tools_key else []
-        return messages, tools, _parse_label(record, label_key, stage)
+            raise RecordError(system_key, f"expected a string, got {json_type(system)}.")
+        messages = build_conversation(turns, system, messages_key, stage)
+        tools = parse_tools(record.get(tools_key), tools_key, tools_cache) if tools_key else []
+        return messages, tools, parse_label(record, label_key, stage)
 
     return convert
 
@@ -711,14 +290,14 @@ _MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant",
 def _tool_calls_content(calls, field_name: str) -> str:
     """OpenAI `tool_calls` as canonical function_call content: {"name", "arguments"} or a list."""
     if not isinstance(calls, list) or not calls:
-        raise _RecordError(field_name, f"expected a non-empty list of tool calls, got "
-                           f"{_shown(calls)}.")
+        raise RecordError(field_name, f"expected a non-empty list of tool calls, got "
+                           f"{shown(calls)}.")
     converted = []
     for call in calls:
         function = call.get("function", call) if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise _RecordError(field_name, f'each tool call needs {{"function": {{"name", '
-                               f'"arguments"}}}}; got {_shown(call)}.')
+            raise RecordError(field_name, f'each tool call needs {{"function": {{"name", '
+                               f'"arguments"}}}}; got {shown(call)}.')
         arguments = function.get("arguments", {})
         if isinstance(arguments, str):  # OpenAI sends arguments as a JSON string
             try:
@@ -734,28 +313,28 @@ def _message_turns(value, column: str, default_role: str) -> list[tuple]:
     if isinstance(value, str):
         return [(default_role, value, default_role, column, None, None, None)]
     if not isinstance(value, list):
-        raise _RecordError(column, f"expected a string or a list of {{\"role\", \"content\"}} "
+        raise RecordError(column, f"expected a string or a list of {{\"role\", \"content\"}} "
                            f"messages, got {json_type(value)}.")
     turns = []
     for index, message in enumerate(value):
         if not isinstance(message, dict):
-            raise _RecordError(f"{column}[{index}]", f"expected an object with \"role\" and "
+            raise RecordError(f"{column}[{index}]", f"expected an object with \"role\" and "
                                f"\"content\", got {json_type(message)}.")
         shown_role = message.get("role")
         if shown_role is None:
-            raise _RecordError(f"{column}[{index}].role", "missing.")
+            raise RecordError(f"{column}[{index}].role", "missing.")
         role = _MESSAGE_ROLES.get(shown_role) if isinstance(shown_role, str) else None
         if role is None:
-            raise _RecordError(
+            raise RecordError(
                 f"{column}[{index}].role",
-                f"unknown role {_shown(shown_role)}; expected one of "
-                f"{', '.join(_shown(name) for name in _MESSAGE_ROLES)}.",
+                f"unknown role {shown(shown_role)}; expected one of "
+                f"{', '.join(shown(name) for name in _MESSAGE_ROLES)}.",
             )
         content = message.get("content")
         tool_calls = message.get("tool_calls")
         if role == "assistant" and tool_calls:
             if isinstance(content, str) and content.strip():
-                raise _RecordError(
+                raise RecordError(
                     f"{column}[{index}].content", "an assistant message with both text and "
                     "tool_calls cannot be trained as one turn: drop the text or move it to an "
                     "assistant message of its own.",
@@ -774,24 +353,24 @@ def _trl_converter(layout: Layout, stage: str):
 
     def convert(record: dict):
         if messages_key and (record.get(messages_key) is not None or not prompt_key):
-            value = _require(record, messages_key, "messages", layout)
+            value = require(record, messages_key, "messages", layout)
             if not isinstance(value, list):
-                raise _RecordError(messages_key, f"expected a list of {{\"role\", \"content\"}} "
+                raise RecordError(messages_key, f"expected a list of {{\"role\", \"content\"}} "
                                    f"messages, got {json_type(value)}.")
             turns = _message_turns(value, messages_key, "user")
             conversation_field = messages_key
         else:
-            prompt = _require(record, prompt_key, "prompt", layout)
-            completion = _require(record, completion_key, "response", layout)
+            prompt = require(record, prompt_key, "prompt", layout)
+            completion = require(record, completion_key, "response", layout)
             turns = (_message_turns(prompt, prompt_key, "user")
                      + _message_turns(completion, completion_key, "assistant"))
             conversation_field = prompt_key
         system = record.get(system_key) if system_key else None
         if system is not None and not isinstance(system, str):
-            raise _RecordError(system_key, f"expected a string, got {json_type(system)}.")
-        messages = _build_conversation(turns, system, conversation_field, stage)
-        tools = _parse_tools(record.get(tools_key), tools_key, tools_cache) if tools_key else []
-        return messages, tools, _parse_label(record, label_key, stage)
+            raise RecordError(system_key, f"expected a string, got {json_type(system)}.")
+        messages = build_conversation(turns, system, conversation_field, stage)
+        tools = parse_tools(record.get(tools_key), tools_key, tools_cache) if tools_key else []
+        return messages, tools, parse_label(record, label_key, stage)
 
     return convert
 
@@ -801,12 +380,12 @@ def _nemo_converter(layout: Layout, stage: str):
     prompt_key, response_key, preference_key = cols["prompt"], cols["response"], cols["kto_tag"]
 
     def convert(record: dict):
-        prompt = _require(record, prompt_key, "prompt", layout)
-        response = _require(record, response_key, "response", layout)
-        label = _parse_preference(record, preference_key, stage)
+        prompt = require(record, prompt_key, "prompt", layout)
+        response = require(record, response_key, "response", layout)
+        label = parse_preference(record, preference_key, stage)
         turns = (_message_turns(prompt, prompt_key, "user")
                  + [("assistant", response, "assistant", response_key, None, None, None)])
-        return _build_conversation(turns, None, prompt_key, stage), [], label
+        return build_conversation(turns, None, prompt_key, stage), [], label
 
     return convert
 
@@ -866,7 +445,7 @@ def _load_files(spec: DatasetSpec, path: str, stage: str,
     convert = None
     total = 0
     for file_path in data_files(path):
-        records = _READERS[_extension(file_path)](file_path)
+        records = read_file_records(file_path)
         total += len(records)
         if convert is None and records:
             first = next((record for record in records if isinstance(record, dict)), None)
@@ -876,8 +455,8 @@ def _load_files(spec: DatasetSpec, path: str, stage: str,
         for index, record in enumerate(records):
             field_name = None
             try:
-                if isinstance(record, _UnreadableLine):
-                    message = _unreadable_message(file_path, index, record)
+                if isinstance(record, UnreadableLine):
+                    message = unreadable_message(file_path, index, record)
                 elif not isinstance(record, dict):
                     message = (f"{file_path}: record {index}: expected a JSON object (one record "
                                f"with named fields), got {json_type(record)}.")
@@ -886,7 +465,7 @@ def _load_files(spec: DatasetSpec, path: str, stage: str,
                     examples.append(Example(messages=messages, tools=tools, label=label,
                                             origin=f"{file_path}#{index}", dataset=spec.name))
                     continue
-            except _RecordError as err:
+            except RecordError as err:
                 field_name = err.field_name
                 message = f'{file_path}: record {index}: field "{field_name}": {err.problem}'
             if on_bad_record == "error":

@@ -7,14 +7,19 @@ it excludes the role header (so the model is not trained to write the header it 
 newline some templates put after the end-of-turn token (never generated: generation stops at it).
 `prospect.data.encode` tokenizes the whole text once and maps these spans onto tokens.
 
+Each named template is defined once, as Jinja (`NAMED_SOURCES`), and everything comes from that
+definition: training renders it here, with `{% generation %}` blocks marking the trained spans
+(the same tags transformers reads for `return_assistant_tokens_mask`); `prospect export` writes it
+next to the model without those tags (`chat_template_jinja`); chat and serve render prompts with
+it; the tool calls it writes are the format `prospect.data.tool_calls` parses back.
+
 Templates (`get_template(name, tokenizer)`):
 
 - ``qwen``: Qwen2.5-Instruct, byte-identical to its official Jinja template, tools included. The
-  tools go into the system turn ("# Tools" section, one JSON object per line inside `<tools>`),
-  a function call is an assistant turn of `<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`
-  blocks, and observations are `<tool_response>` blocks inside a user turn; consecutive
-  observations share one user turn, as the official template does. Default system prompt:
-  "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+  tools go into the system turn, a function call is an assistant turn of `<tool_call>` blocks, and
+  observations are `<tool_response>` blocks inside a user turn; consecutive observations share one
+  user turn, as the official template does. Default system prompt: "You are Qwen, created by
+  Alibaba Cloud. You are a helpful assistant."
 - ``llama3``: Llama-3-Instruct (`<|start_header_id|>role<|end_header_id|>\\n\\n content <|eot_id|>`),
   content trimmed of surrounding whitespace like the official template (`| trim`), `<|begin_of_text|>`
   first. No default system prompt.
@@ -26,25 +31,28 @@ Templates (`get_template(name, tokenizer)`):
   must give a prefix of the rendering of messages[:i+1]; the difference is turn i.
 
 Llama-3 and ChatML have no native tool format, so the named `llama3` and `chatml` templates borrow
-Qwen's: the tools are appended to the system message with the same "# Tools" wording, a function
-call is the assistant content `<tool_call>\\n{json}\\n</tool_call>` (one block per call, joined by a
-newline), and an observation is its own turn with role ``ipython`` (llama3) or ``tool`` (chatml).
+Qwen's (`prospect.data.tool_calls`): the tools are appended to the system message, a function call
+is the assistant content `<tool_call>` blocks, and an observation is its own turn with role
+``ipython`` (llama3) or ``tool`` (chatml).
 
-Tools are rendered in the OpenAI layout `{"type": "function", "function": {...}}`: a bare
-`{"name", "description", "parameters"}` definition (as in glaive-style data) is wrapped, which is
-what an OpenAI-compatible server passes to the template at inference time. Tool-call arguments
-given as a JSON string are parsed to an object, so the model learns to write `"arguments": {...}`.
+Templates render the OpenAI / Hugging Face message layout (`to_hf_messages`): a function_call turn
+becomes an assistant turn with `tool_calls`, an observation a `tool` turn, and a bare tool schema
+`{"name", "description", "parameters"}` (as in glaive-style data) is wrapped as
+`{"type": "function", "function": ...}`, which is what an OpenAI-compatible server passes at
+inference time.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from prospect.data.example import TRAINED_ROLES, Message
+from prospect.data.tool_calls import TOOLS_JINJA, to_hf_messages, to_hf_tools
 from prospect.errors import UserError
 
 KNOWN_TEMPLATES = ("auto", "chatml", "llama3", "qwen")
@@ -80,116 +88,208 @@ class RenderedChat:
         return [self.text[s.start : s.end] for s in self.trained_spans]
 
 
-class _TextBuilder:
-    """Accumulates rendered text and records which appended pieces are trained."""
+# --------------------------------------------------------------------------------------------------
+# The named templates, as Jinja. Each starts with `{%- set default_system = ... %}` (see
+# `NamedTemplate.source`) and the tool macros of `TOOLS_JINJA`. Inside `{% generation %}` is what
+# a trained turn learns to write: its content and the end-of-turn token.
 
-    def __init__(self) -> None:
-        self._parts: list[str] = []
-        self._length = 0
-        self._spans: list[TrainedSpan] = []
+# Qwen2.5: the system turn always exists (default system prompt), tools go into it, consecutive
+# tool answers share one user turn. An assistant turn with calls is written as the official
+# template writes it: content (if any), then one block per call, each after a newline.
+_QWEN_JINJA = r"""
+{%- if messages and messages[0].role == 'system' %}
+    {%- set system = messages[0].content %}
+{%- else %}
+    {%- set system = default_system %}
+{%- endif %}
+{%- if tools %}
+    {{- '<|im_start|>system\n' + system + '\n\n' + tools_section(tools) + '<|im_end|>\n' }}
+{%- else %}
+    {{- '<|im_start|>system\n' + system + '<|im_end|>\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if loop.first and message.role == 'system' %}
+    {%- elif message.role == 'assistant' %}
+        {{- '<|im_start|>assistant\n' }}
+        {%- generation %}
+            {%- if message.content %}
+                {{- message.content }}
+            {%- endif %}
+            {%- for call in message.tool_calls or [] %}
+                {%- if message.content or not loop.first %}
+                    {{- '\n' }}
+                {%- endif %}
+                {{- tool_call_block(call) }}
+            {%- endfor %}
+            {{- '<|im_end|>' }}
+        {%- endgeneration %}
+        {{- '\n' }}
+    {%- elif message.role == 'tool' %}
+        {%- if loop.first or loop.previtem.role != 'tool' %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' + message.content + '\n</tool_response>' }}
+        {%- if loop.last or loop.nextitem.role != 'tool' %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- else %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
 
-    def add(self, text: str) -> None:
-        self._parts.append(text)
-        self._length += len(text)
+# ChatML and Llama 3 share one shape: an optional system turn holding the tools section, one turn
+# per message, tool answers in their own turn. Only the markers differ.
+_CHATML_MARKERS = r"""
+{%- set begin = '' %}
+{%- macro header(role) %}{{- '<|im_start|>' + role + '\n' }}{%- endmacro %}
+{%- macro body(text) %}{{- text }}{%- endmacro %}
+{%- set end_of_turn = '<|im_end|>' %}
+{%- set after_turn = '\n' %}
+{%- set observation_role = 'tool' %}
+"""
+_LLAMA3_MARKERS = r"""
+{%- set begin = '<|begin_of_text|>' %}
+{%- macro header(role) %}{{- '<|start_header_id|>' + role + '<|end_header_id|>\n\n' }}{%- endmacro %}
+{%- macro body(text) %}{{- text | trim }}{%- endmacro %}
+{%- set end_of_turn = '<|eot_id|>' %}
+{%- set after_turn = '' %}
+{%- set observation_role = 'ipython' %}
+"""
+_CHATML_LIKE_JINJA = r"""
+{{- begin }}
+{%- if messages and messages[0].role == 'system' %}
+    {%- set system = messages[0].content %}
+    {%- set turns = messages[1:] %}
+{%- else %}
+    {%- set system = default_system %}
+    {%- set turns = messages %}
+{%- endif %}
+{%- if tools %}
+    {%- if not system %}
+        {%- set system = tools_section(tools) %}
+    {%- else %}
+        {%- set system = system + '\n\n' + tools_section(tools) %}
+    {%- endif %}
+{%- endif %}
+{%- if system is not none %}
+    {{- header('system') + body(system) + end_of_turn + after_turn }}
+{%- endif %}
+{%- for message in turns %}
+    {%- if message.role == 'tool' %}
+        {{- header(observation_role) + body(message.content) + end_of_turn + after_turn }}
+    {%- elif message.role == 'assistant' %}
+        {#- A turn of calls is the calls alone, one block each, separated by newlines. #}
+        {%- set reply = namespace(text=message.content) %}
+        {%- if message.tool_calls %}
+            {%- set reply.text = '' %}
+            {%- for call in message.tool_calls %}
+                {%- set reply.text = reply.text + ('' if loop.first else '\n') + tool_call_block(call) %}
+            {%- endfor %}
+        {%- endif %}
+        {{- header('assistant') }}
+        {%- generation %}
+            {{- body(reply.text) + end_of_turn }}
+        {%- endgeneration %}
+        {{- after_turn }}
+    {%- else %}
+        {{- header(message.role) + body(message.content) + end_of_turn + after_turn }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- header('assistant') }}
+{%- endif %}
+"""
 
-    def add_trained(self, text: str, message_index: int) -> None:
-        self._spans.append(TrainedSpan(self._length, self._length + len(text), message_index))
-        self.add(text)
 
-    def build(self) -> RenderedChat:
-        return RenderedChat("".join(self._parts), tuple(self._spans))
+@dataclass(frozen=True)
+class _NamedSpec:
+    jinja: str
+    end_of_turn: str  # the token that ends a turn (generation stops at it)
+    required_tokens: tuple[str, ...]  # markers that must be single tokens of the tokenizer
+    default_system: str | None
+
+
+NAMED_SOURCES = {
+    "qwen": _NamedSpec(TOOLS_JINJA + _QWEN_JINJA, "<|im_end|>", ("<|im_start|>", "<|im_end|>"), QWEN_DEFAULT_SYSTEM),
+    "chatml": _NamedSpec(_CHATML_MARKERS + TOOLS_JINJA + _CHATML_LIKE_JINJA, "<|im_end|>",
+                         ("<|im_start|>", "<|im_end|>"), None),
+    "llama3": _NamedSpec(_LLAMA3_MARKERS + TOOLS_JINJA + _CHATML_LIKE_JINJA, "<|eot_id|>",
+                         ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), None),
+}
+
+# `auto` with a default system prompt: the tokenizer's own template, given a system turn when the
+# conversation has none (what JinjaTemplate does in Python).
+_WITH_DEFAULT_SYSTEM_JINJA = r"""
+{%- if not (messages and messages[0].role == 'system') %}
+    {%- set messages = [{'role': 'system', 'content': default_system}] + messages %}
+{%- endif %}
+"""
+
+
+def _jinja_string(value: str | None) -> str:
+    """A Python string as a Jinja literal (Jinja string literals take JSON's escapes)."""
+    return "none" if value is None else json.dumps(value, ensure_ascii=False)
 
 
 # --------------------------------------------------------------------------------------------------
-# Tools and tool calls (shared by all templates and by chat/serve code)
+# Rendering the Jinja with trained spans. Rendering must give exactly what transformers'
+# `apply_chat_template` gives (the same environment options and `tojson`); the `generation` tag
+# wraps its body in two reserved characters, which `_take_spans` turns into offsets and removes.
+
+_SPAN_OPEN, _SPAN_CLOSE = "\ue000", "\ue001"  # Unicode private use: never in real text (checked)
 
 
-def _tojson(value: Any) -> str:
-    """JSON exactly as transformers' Jinja `tojson` filter writes it (non-ASCII kept as is)."""
-    return json.dumps(value, ensure_ascii=False)
+@functools.lru_cache(maxsize=32)
+def _compiled(source: str):
+    """The Jinja template `source`, compiled once per process (compiled templates do not pickle)."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    class TrainedTurns(Extension):
+        tags = {"generation"}
 
-def to_hf_tools(tools: Sequence[dict]) -> list[dict]:
-    """Tool definitions in the OpenAI layout; a bare schema becomes {"type": "function", "function": schema}."""
-    return [tool if tool.get("type") == "function" else {"type": "function", "function": tool} for tool in tools]
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_mark", []), [], [], body).set_lineno(lineno)
 
+        def _mark(self, caller):
+            return _SPAN_OPEN + caller() + _SPAN_CLOSE
 
-def parse_function_call(content: str, origin: str = "") -> list[dict]:
-    """Parse a function_call turn into a list of {"name": str, "arguments": object}.
+    def raise_exception(message):
+        from jinja2.exceptions import TemplateError
 
-    The content is a JSON object {"name", "arguments"} or a JSON list of them. Arguments given as a
-    JSON string holding an object are parsed into that object.
-    """
-    where = f"{origin}: " if origin else ""
-    hint = 'write it as {"name": "...", "arguments": {...}} or a JSON list of such objects'
-    try:
-        parsed = json.loads(content)
-    except json.JSONDecodeError as err:
-        raise UserError(f"{where}a function_call message is not valid JSON ({err}); {hint}") from None
-    calls = parsed if isinstance(parsed, list) else [parsed]
-    if not calls:
-        raise UserError(f"{where}a function_call message holds an empty list of calls; {hint}")
-    normalized = []
-    for call in calls:
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str) or "arguments" not in call:
-            raise UserError(f"{where}a function_call message lacks a string 'name' or an 'arguments' field; {hint}")
-        arguments = call["arguments"]
-        if isinstance(arguments, str):
-            try:
-                decoded = json.loads(arguments)
-            except json.JSONDecodeError:
-                decoded = None
-            if isinstance(decoded, dict):
-                arguments = decoded
-        normalized.append({"name": call["name"], "arguments": arguments})
-    return normalized
+        raise TemplateError(message)
 
-
-def format_tool_call(call: dict) -> str:
-    """One call as Qwen2.5 writes it: '{"name": "<name>", "arguments": <json>}' (the name is not escaped)."""
-    return '{"name": "' + call["name"] + '", "arguments": ' + _tojson(call["arguments"]) + "}"
-
-
-def format_tool_call_blocks(calls: Sequence[dict]) -> str:
-    """The calls as `<tool_call>` blocks separated by newlines (the content of a function-call turn)."""
-    return "\n".join("<tool_call>\n" + format_tool_call(call) + "\n</tool_call>" for call in calls)
-
-
-def format_tools_section(tools: Sequence[dict]) -> str:
-    """The "# Tools" system-prompt section of Qwen2.5, listing `tools` (already in OpenAI layout)."""
-    listing = "".join("\n" + _tojson(tool) for tool in tools)
-    return (
-        "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
-        + listing
-        + "\n</tools>\n\nFor each function call, return a json object with function name and arguments "
-        "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
-        '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+    environment = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[TrainedTurns, "jinja2.ext.loopcontrols"]
     )
+    environment.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    environment.globals["raise_exception"] = raise_exception
+    return environment.from_string(source)
 
 
-def to_hf_messages(messages: Sequence[Message], origin: str = "") -> list[dict]:
-    """Canonical messages as the OpenAI/Hugging Face chat format that Jinja chat templates expect.
-
-    function_call -> {"role": "assistant", "content": "", "tool_calls": [{"type": "function",
-    "function": {"name", "arguments": object}}]}; observation -> {"role": "tool", "content": ...}.
-    """
-    converted: list[dict] = []
-    for message in messages:
-        if message.role == "function_call":
-            calls = parse_function_call(message.content, origin)
-            converted.append(
-                {
-                    "role": "assistant",
-                    "content": "",
-                    "tool_calls": [{"type": "function", "function": call} for call in calls],
-                }
-            )
-        elif message.role == "observation":
-            converted.append({"role": "tool", "content": message.content})
-        else:
-            converted.append({"role": message.role, "content": message.content})
-    return converted
+def _take_spans(marked: str, trained_indexes: list[int], where: str) -> RenderedChat:
+    """Remove the span markers of `marked`; the k-th span belongs to message `trained_indexes[k]`."""
+    pieces = marked.split(_SPAN_OPEN)
+    text_parts, spans, length = [pieces[0]], [], len(pieces[0])
+    for piece in pieces[1:]:
+        trained, _, rest = piece.partition(_SPAN_CLOSE)
+        spans.append((length, length + len(trained)))
+        text_parts += [trained, rest]
+        length += len(trained) + len(rest)
+    text = "".join(text_parts)
+    if len(spans) != len(trained_indexes) or _SPAN_CLOSE in text or _SPAN_OPEN in text:
+        raise UserError(
+            f"{where}the conversation contains U+E000 or U+E001, characters prospect reserves to mark "
+            "trained turns; remove them from the data"
+        )
+    return RenderedChat(text, tuple(TrainedSpan(s, e, i) for (s, e), i in zip(spans, trained_indexes)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,7 +301,7 @@ class Template(ABC):
 
     name: str
     end_of_turn: str  # the token that ends a turn (generation stops at it)
-    required_tokens: tuple[str, ...] = ()  # markers that must be single tokens of the tokenizer
+    default_system: str | None
 
     @abstractmethod
     def render(
@@ -219,144 +319,32 @@ class Template(ABC):
         return f"{type(self).__name__}(name={self.name!r})"
 
 
-def _system_text(messages: Sequence[Message], default_system: str | None) -> tuple[str | None, int]:
-    """(system prompt or None, index of the first message after it)."""
-    if messages and messages[0].role == "system":
-        return messages[0].content, 1
-    return default_system, 0
+class NamedTemplate(Template):
+    """One of `NAMED_SOURCES`, rendered from its Jinja (see the module docstring)."""
 
-
-class QwenTemplate(Template):
-    """Qwen2.5-Instruct's official template written out in Python (see the module docstring)."""
-
-    name = "qwen"
-    end_of_turn = "<|im_end|>"
-    required_tokens = ("<|im_start|>", "<|im_end|>")
-
-    def __init__(self, default_system: str | None = None) -> None:
-        self.default_system = QWEN_DEFAULT_SYSTEM if default_system is None else default_system
+    def __init__(self, name: str, default_system: str | None = None) -> None:
+        spec = NAMED_SOURCES[name]
+        self.name = name
+        self.end_of_turn = spec.end_of_turn
+        self.required_tokens = spec.required_tokens
+        self.default_system = spec.default_system if default_system is None else default_system
+        self.source = "{%- set default_system = " + _jinja_string(self.default_system) + " %}" + spec.jinja
 
     def render(self, messages, tools=(), *, add_generation_prompt=False, origin=""):
-        out = _TextBuilder()
-        system, _ = _system_text(messages, self.default_system)
-        if tools:
-            tools_section = format_tools_section(to_hf_tools(tools))
-            out.add("<|im_start|>system\n" + system + "\n\n" + tools_section + "<|im_end|>\n")
-        else:
-            out.add("<|im_start|>system\n" + system + "<|im_end|>\n")
-        for index, message in enumerate(messages):
-            role = message.role
-            if role == "system" and index == 0:
-                continue  # already rendered above
-            if role in ("user", "system", "assistant"):
-                out.add(f"<|im_start|>{role}\n")
-                if role == "assistant":
-                    out.add_trained(message.content + "<|im_end|>", index)
-                else:
-                    out.add(message.content + "<|im_end|>")
-                out.add("\n")
-            elif role == "function_call":
-                calls = parse_function_call(message.content, origin)
-                out.add("<|im_start|>assistant\n")
-                out.add_trained(format_tool_call_blocks(calls) + "<|im_end|>", index)
-                out.add("\n")
-            elif role == "observation":
-                # Consecutive observations share one user turn, each in its own <tool_response>.
-                if index == 0 or messages[index - 1].role != "observation":
-                    out.add("<|im_start|>user")
-                out.add("\n<tool_response>\n" + message.content + "\n</tool_response>")
-                if index == len(messages) - 1 or messages[index + 1].role != "observation":
-                    out.add("<|im_end|>\n")
-            else:
-                raise _unknown_role(role, origin)
-        if add_generation_prompt:
-            out.add("<|im_start|>assistant\n")
-        return out.build()
-
-
-class ChatMLTemplate(Template):
-    """`<|im_start|>role\\ncontent<|im_end|>\\n` turns; tools the Qwen way (see the module docstring)."""
-
-    name = "chatml"
-    end_of_turn = "<|im_end|>"
-    required_tokens = ("<|im_start|>", "<|im_end|>")
-    observation_role = "tool"
-
-    def __init__(self, default_system: str | None = None) -> None:
-        self.default_system = default_system
-
-    def _turn_header(self, role: str) -> str:
-        return f"<|im_start|>{role}\n"
-
-    def _turn_content(self, content: str) -> str:
-        return content
-
-    def _begin(self, out: _TextBuilder) -> None:
-        pass
-
-    def render(self, messages, tools=(), *, add_generation_prompt=False, origin=""):
-        out = _TextBuilder()
-        self._begin(out)
-        system, first = _system_text(messages, self.default_system)
-        if tools:
-            tools_section = format_tools_section(to_hf_tools(tools))
-            system = tools_section if not system else system + "\n\n" + tools_section
-        if system is not None:
-            out.add(self._turn_header("system") + self._turn_content(system) + self.end_of_turn)
-            out.add(self._after_turn())
-        for index in range(first, len(messages)):
-            message = messages[index]
-            role = message.role
-            if role in ("user", "system"):
-                out.add(self._turn_header(role) + self._turn_content(message.content) + self.end_of_turn)
-            elif role == "observation":
-                out.add(
-                    self._turn_header(self.observation_role) + self._turn_content(message.content) + self.end_of_turn
+        where = f"{origin}: " if origin else ""
+        for message in messages:
+            if message.role not in ("system", "user", "observation") and message.role not in TRAINED_ROLES:
+                raise UserError(
+                    f"{where}unknown message role {message.role!r}; expected one of system, user, assistant, "
+                    "function_call, observation"
                 )
-            elif role in TRAINED_ROLES:
-                if role == "function_call":
-                    content = format_tool_call_blocks(parse_function_call(message.content, origin))
-                else:
-                    content = message.content
-                out.add(self._turn_header("assistant"))
-                out.add_trained(self._turn_content(content) + self.end_of_turn, index)
-            else:
-                raise _unknown_role(role, origin)
-            out.add(self._after_turn())
-        if add_generation_prompt:
-            out.add(self._turn_header("assistant"))
-        return out.build()
-
-    def _after_turn(self) -> str:
-        return "\n"
-
-
-class Llama3Template(ChatMLTemplate):
-    """Llama-3-Instruct's official template (content trimmed, as its `| trim` does); tools the Qwen way."""
-
-    name = "llama3"
-    end_of_turn = "<|eot_id|>"
-    required_tokens = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
-    observation_role = "ipython"
-
-    def _turn_header(self, role: str) -> str:
-        return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
-
-    def _turn_content(self, content: str) -> str:
-        return content.strip()  # Jinja's `trim` is Python's str.strip()
-
-    def _begin(self, out: _TextBuilder) -> None:
-        out.add("<|begin_of_text|>")
-
-    def _after_turn(self) -> str:
-        return ""
-
-
-def _unknown_role(role: str, origin: str) -> UserError:
-    where = f"{origin}: " if origin else ""
-    return UserError(
-        f"{where}unknown message role {role!r}; expected one of system, user, assistant, function_call, observation"
-    )
+        marked = _compiled(self.source).render(
+            messages=to_hf_messages(messages, origin),
+            tools=to_hf_tools(tools) or None,
+            add_generation_prompt=add_generation_prompt,
+        )
+        trained_indexes = [index for index, message in enumerate(messages) if message.role in TRAINED_ROLES]
+        return _take_spans(marked, trained_indexes, where)
 
 
 class JinjaTemplate(Template):
@@ -453,13 +441,6 @@ class JinjaTemplate(Template):
 # --------------------------------------------------------------------------------------------------
 
 
-_NAMED_TEMPLATES: dict[str, type[Template]] = {
-    "chatml": ChatMLTemplate,
-    "llama3": Llama3Template,
-    "qwen": QwenTemplate,
-}
-
-
 def _check_special_tokens(template_name: str, required: Sequence[str], tokenizer) -> None:
     """A named template's markers must be single tokens, else the model never sees a real end-of-turn."""
     missing = [t for t in required if len(tokenizer.encode(t, add_special_tokens=False)) != 1]
@@ -468,6 +449,7 @@ def _check_special_tokens(template_name: str, required: Sequence[str], tokenizer
             f"template {template_name!r} needs the special tokens {', '.join(missing)}, which this tokenizer "
             "does not have; set `template:` to the one the model was trained with (or `auto`)"
         )
+
 
 
 def get_template(name: str | None, tokenizer, default_system: str | None = None) -> Template:
@@ -480,9 +462,24 @@ def get_template(name: str | None, tokenizer, default_system: str | None = None)
     key = "auto" if name is None else str(name).strip().lower()
     if key in ("auto", ""):
         return JinjaTemplate(tokenizer, default_system)
-    if key not in _NAMED_TEMPLATES:
+    if key not in NAMED_SOURCES:
         raise UserError(f"unknown template {name!r}; known templates: {', '.join(KNOWN_TEMPLATES)}")
-    template_class = _NAMED_TEMPLATES[key]
+    template = NamedTemplate(key, default_system)
     if tokenizer is not None:
-        _check_special_tokens(key, template_class.required_tokens, tokenizer)
-    return template_class(default_system)
+        _check_special_tokens(key, template.required_tokens, tokenizer)
+    return template
+
+
+def chat_template_jinja(template: Template) -> str:
+    """The Jinja chat template that renders like `template`, as export writes it next to the model.
+
+    A named template is its own definition without the `{% generation %}` tags: they are an
+    extension of transformers' renderer, and servers with another Jinja engine would refuse them.
+    """
+    if isinstance(template, NamedTemplate):
+        return re.sub(r"^[ \t]*\{%- (end)?generation %\}\n", "", template.source, flags=re.MULTILINE)
+    if template.default_system is None:
+        return template.chat_template
+    return "{%- set default_system = " + _jinja_string(template.default_system) + " %}" + (
+        _WITH_DEFAULT_SYSTEM_JINJA + template.chat_template
+    )
