@@ -10,6 +10,7 @@ each command names, imported only when that command runs, so `prospect --help` s
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
 
@@ -19,6 +20,9 @@ from prospect.errors import UserError
 def main(argv: list[str] | None = None) -> int:
     # PEFT reads a transformers attribute that 5.x deprecated; the warning is not the user's to fix.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # bitsandbytes (imported by PEFT whenever installed) asks the hub for an optional CPU kernel and
+    # warns when it cannot have it; its own CPU kernel runs instead.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):

@@ -100,9 +100,7 @@ class RunConfig:
     dataset: list[str] = _f([], "Datasets to train on: names in dataset_info.json or file paths (comma list).")
     eval_dataset: list[str] = _f([], "Datasets to evaluate on (comma list); otherwise val_size splits one off.")
     dataset_dir: str = _f("data", "Folder holding dataset_info.json and the data files.")
-    template: str | None = _f(
-        None, "Chat template: llama3, qwen, chatml, or auto/unset = the tokenizer's own."
-    )
+    template: str | None = _f(None, "Chat template: llama3, qwen, chatml, or auto/unset = the tokenizer's own.")
     default_system: str | None = _f(None, "System prompt used when a conversation has none.")
     cutoff_len: int = _f(
         2048, "Maximum tokens per example (SFT keeps the first ones; KTO: see truncation_mode).", min=1
@@ -205,10 +203,10 @@ class RunConfig:
                       min=0.0, max=1.0, exclusive_min=True)
     host: str = _f("127.0.0.1", "Address `prospect serve` listens on (0.0.0.0 = every interface).")
     port: int = _f(8000, "Port `prospect serve` listens on (0 = any free port, printed at start).", min=0, max=65535)
-    api_key: str | None = _f(
-        None, "If set (or $PROSPECT_API_KEY), clients must send `Authorization: Bearer <api_key>`."
-    )
+    api_key: str | None = _f(None, "If set (or $PROSPECT_API_KEY), clients must send `Authorization: Bearer <api_key>`.")
     serve_batch_size: int = _f(8, "Most queued requests `prospect serve` generates together in one batch.", min=1)
+    feedback_dir: str | None = _f(None, "`prospect serve`: POST /v1/feedback appends thumbs up/down here as a KTO "
+                                  "dataset (dataset: feedback, dataset_dir: this); unset = no feedback.")
 
     # ---------------------------------------------------------------------------------------
     def validate(self) -> "RunConfig":

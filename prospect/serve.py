@@ -12,6 +12,11 @@ Endpoints (FastAPI on uvicorn, bound to `host`:`port`, 127.0.0.1:8000 by default
   `max_tokens` default to the config's `temperature`, `top_p` and `max_new_tokens`.
 - `GET /v1/models` (and `/v1/models/{id}`) — the base model and every adapter.
 - `GET /health` — `{"status": "ok"}`, without authentication (for load balancers and scripts).
+- `GET /` — a chat page (prospect/web/chat.html: plain HTML and JS, nothing fetched from elsewhere):
+  a model picker, streamed replies, a thumbs up / down under each reply, `/reset`.
+- `POST /v1/feedback` — `{"id": "<completion id>", "label": true | false, "note": "..."}`: a thumbs up
+  or down on a reply this server returned, appended to `feedback_dir` as a KTO dataset
+  (`prospect.feedback`); 404 when `feedback_dir` is not set.
 
 Each model answers with the chat template it was trained with (the adapter's run_config.yaml; see
 `prospect.inference.resolve_template`). With tools in the request, `<tool_call>{json}</tool_call>`
@@ -46,12 +51,17 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prospect.errors import UserError
-from prospect.data.tool_calls import ToolCall, parse_tool_calls
+from prospect.data.example import Message
+from prospect.data.tool_calls import ToolCall, parse_tool_calls, tool_calls_as_message
+from prospect.feedback import MAX_BODY_BYTES, Completion, FeedbackLog
 from prospect.inference import BASE_MODEL, Generated
 from prospect.openai_api import ApiError, ServedModel, ToolCallHoldback, bad_request, parse_request
+
+CHAT_PAGE = Path(__file__).resolve().parent / "web" / "chat.html"  # the page at `/`, shipped in the package
 
 # --------------------------------------------------------------------------------------------------
 # What is served
@@ -204,7 +214,7 @@ def create_app(config, *, loaded=None):
     from contextlib import asynccontextmanager
 
     from fastapi import Depends, FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
     from prospect.inference import context_length, encode_prompt, render_prompt, stop_token_ids
 
@@ -213,6 +223,7 @@ def create_app(config, *, loaded=None):
     engine = Engine(model, tokenizer, stop_ids, config.serve_batch_size, uses_adapters=len(served) > 1)
     max_context = context_length(model, tokenizer)
     api_key = config.api_key or os.environ.get("PROSPECT_API_KEY") or None
+    feedback = FeedbackLog(config.feedback_dir) if config.feedback_dir else None
 
     @asynccontextmanager
     async def lifespan(app):
@@ -250,6 +261,10 @@ def create_app(config, *, loaded=None):
     async def health():
         return {"status": "ok"}
 
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page():  # static; the API calls it makes carry the key
+        return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"))
+
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def list_models():
         return {"object": "list", "data": [model_card(m) for m in served.values()]}
@@ -259,6 +274,17 @@ def create_app(config, *, loaded=None):
         if model_id not in served:
             raise ApiError(404, f"The model {model_id!r} does not exist.", param="model", code="model_not_found")
         return model_card(served[model_id])
+
+    @app.post("/v1/feedback", dependencies=[Depends(check_key)])
+    async def post_feedback(request: Request):
+        if feedback is None:
+            raise ApiError(404, "Feedback is off: start prospect serve with feedback_dir: <folder>.",
+                           code="feedback_off")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise ApiError(413, f"The request body is {declared} bytes; feedback takes at most {MAX_BODY_BYTES}.",
+                           code="request_too_large")
+        return await asyncio.to_thread(feedback.record, await request.body())  # fsync off the event loop
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(request: Request):
@@ -295,6 +321,13 @@ def create_app(config, *, loaded=None):
         created = int(time.time())
         engine.submit(job)
 
+        def remember(text: str, calls: list[ToolCall]) -> None:
+            if feedback is not None:
+                reply = tool_calls_as_message(calls) if calls else Message("assistant", text)
+                feedback.remember(completion_id, Completion(
+                    req.messages + [reply], req.tools, req.model.name,
+                    {"temperature": req.temperature, "top_p": req.top_p, "max_tokens": max_tokens}))
+
         if not req.stream:
             try:
                 while True:
@@ -306,6 +339,7 @@ def create_app(config, *, loaded=None):
             finally:
                 job.cancelled = True  # no-op once done; drops the row if this request was abandoned
             content, calls = parse_tool_calls(value.text) if req.tools else (value.text, [])
+            remember(value.text, calls)
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if calls:
                 message["tool_calls"] = _tool_calls_json(calls)
@@ -338,6 +372,7 @@ def create_app(config, *, loaded=None):
                         break
                     else:
                         rest, calls = holdback.finish() if holdback else ("", [])
+                        remember(value.text, calls)
                         if rest:
                             yield chunk({"content": rest})
                         if calls:

@@ -133,6 +133,14 @@ MALFORMED = {
     "tools_not_a_json_list": (
         TOOL_ENTRY, TOOL_OK, {"conversations": [human("a"), gpt("b")], "tools": '{"name": "get_weather"}'},
         "sft", "tools"),
+    "turn_label_on_a_user_turn": (
+        KTO_ENTRY, KTO_OK, {"messages": [dict(user("a"), label=True), assistant("b")], "label": False}, "kto",
+        "messages[0].label"),
+    "turn_label_not_boolean": (
+        KTO_ENTRY, KTO_OK, {"messages": [user("a"), dict(assistant("b"), label="yes")]}, "kto", "messages[1].label"),
+    "turn_label_disagrees_with_the_record_label": (
+        KTO_ENTRY, KTO_OK, {"messages": [user("a"), dict(assistant("b"), label=True)], "label": False}, "kto",
+        "label"),
     "kto_not_ending_with_assistant": (
         KTO_ENTRY, KTO_OK, {"messages": [user("a"), assistant("b"), user("c")], "label": False}, "kto",
         "messages[2].role"),

@@ -22,6 +22,7 @@ LAYERS = [
     {"prospect.objectives"},
     {"prospect.train", "prospect.inference"},
     {"prospect.openai_api", "prospect.ray_worker"},
+    {"prospect.feedback"},
     {"prospect.ray_launch", "prospect.evaluate", "prospect.export", "prospect.chat", "prospect.serve"},
     {"prospect.launch"},
     {"prospect.cli"},

@@ -39,7 +39,7 @@ PATHS = {
     "eval": "eval_pattern max_new_tokens infer_dtype",
     "export": "export_dir export_size export_dtype export_overwrite",
     # checked in the module's source
-    "prospect/serve.py": "host port api_key serve_batch_size temperature top_p",
+    "prospect/serve.py": "host port api_key serve_batch_size temperature top_p feedback_dir",
     "prospect/chat.py": "temperature top_p max_new_tokens",
     "prospect/model.py": "quantization_type double_quantization",  # with quantization_bit: 4 (tests/test_qlora.py)
     "prospect/ray_launch.py": """ray_run_name ray_storage_path ray_num_workers resources_per_worker placement_strategy

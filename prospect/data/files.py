@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from prospect.data.registry import json_type
 from prospect.errors import UserError
@@ -96,8 +97,10 @@ def _read_text(path: str) -> str:
         raise UserError(f"{path}: cannot read it ({err.strerror}).") from None
 
 
-def _parse_jsonl(text: str) -> list:
-    """Records of a JSON Lines text; a line that is not valid JSON becomes an UnreadableLine."""
+def _parse_jsonl(text: str, path: str) -> list:
+    """Records of a JSON Lines text; a line that is not valid JSON becomes an UnreadableLine. A last
+    line that is cut off (invalid and without its newline: a writer stopped mid-line, e.g. a killed
+    `prospect serve` appending feedback) is left out with a warning."""
     records: list = []
     loads = json.loads
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -107,6 +110,10 @@ def _parse_jsonl(text: str) -> list:
             records.append(loads(line))
         except json.JSONDecodeError as err:
             records.append(UnreadableLine(lineno, f"{err.msg} at column {err.colno}"))
+    if records and isinstance(records[-1], UnreadableLine) and not text.endswith("\n"):
+        torn = records.pop()
+        print(f"warning: {path}: line {torn.lineno}, the last, is cut off ({torn.problem}); it is left out.",
+              file=sys.stderr, flush=True)
     return records
 
 
@@ -118,7 +125,7 @@ def _read_json(path: str) -> list:
         # Many JSON Lines files are named .json (the `datasets` library reads both); a JSON Lines
         # text fails here with "Extra data" right after the first object.
         if err.msg == "Extra data" and text.lstrip().startswith("{"):
-            return _parse_jsonl(text)
+            return _parse_jsonl(text, path)
         raise UserError(
             f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}. "
             f"A .json dataset must be one JSON list of records: fix the file there."
@@ -139,7 +146,7 @@ def _read_json(path: str) -> list:
 
 
 def _read_jsonl(path: str) -> list:
-    return _parse_jsonl(_read_text(path))
+    return _parse_jsonl(_read_text(path), path)
 
 
 def _read_parquet(path: str) -> list:

@@ -51,6 +51,12 @@ Checks (each failure names the file, the record and the field, and says how to f
 - KTO label: a JSON boolean (true = desirable); the strings "true"/"false" and numbers are
   rejected. With stage kto every record needs one, and an entry without a label column is
   rejected as a whole. NeMo's preference must be "chosen" or "rejected".
+- Per-turn labels (sharegpt and trl/openai message lists): a turn may carry `"label": true|false`
+  beside its role and content, rating that assistant (or function_call) turn. The record's own
+  label (kto_tag) rates the last turn and may be left out when a turn has a label; both on the
+  last turn must agree. A label on a user turn, or one that is not a boolean, is an error. Stage
+  kto trains each rated turn as an example whose prompt is everything before it
+  (`Example.rated_turns`).
 - Required columns (alpaca prompt and response, sharegpt messages, trl prompt + completion or
   messages, nemo prompt and response) must be present and not null.
 
@@ -262,13 +268,13 @@ def _sharegpt_converter(layout: Layout, stage: str):
                     f"in dataset_info.json if the file uses other names).",
                 )
             turns.append((role, turn.get(content_key), shown_role, messages_key, index, role_key,
-                          content_key))
+                          content_key, turn.get("label"), "label"))
         system = record.get(system_key) if system_key else None
         if system is not None and not isinstance(system, str):
             raise RecordError(system_key, f"expected a string, got {json_type(system)}.")
         messages = build_conversation(turns, system, messages_key, stage)
         tools = parse_tools(record.get(tools_key), tools_key, tools_cache) if tools_key else []
-        return messages, tools, parse_label(record, label_key, stage)
+        return messages, tools, parse_label(record, label_key, stage, messages)
 
     return convert
 
@@ -341,7 +347,7 @@ def _message_turns(value, column: str, default_role: str) -> list[tuple]:
                 )
             role = "function_call"
             content = _tool_calls_content(tool_calls, f"{column}[{index}].tool_calls")
-        turns.append((role, content, shown_role, column, index, "role", "content"))
+        turns.append((role, content, shown_role, column, index, "role", "content", message.get("label"), "label"))
     return turns
 
 
@@ -370,7 +376,7 @@ def _trl_converter(layout: Layout, stage: str):
             raise RecordError(system_key, f"expected a string, got {json_type(system)}.")
         messages = build_conversation(turns, system, conversation_field, stage)
         tools = parse_tools(record.get(tools_key), tools_key, tools_cache) if tools_key else []
-        return messages, tools, parse_label(record, label_key, stage)
+        return messages, tools, parse_label(record, label_key, stage, messages)
 
     return convert
 
@@ -396,7 +402,7 @@ _CONVERTERS = {"alpaca": _alpaca_converter, "sharegpt": _sharegpt_converter,
 
 def _check_label_source(spec: DatasetSpec, layout: Layout, stage: str) -> None:
     """Stage kto with an entry that maps no label column cannot work for any record: say so once."""
-    if stage == "kto" and not layout.columns.get("kto_tag"):
+    if stage == "kto" and not layout.columns.get("kto_tag") and layout.format not in ("sharegpt", "trl"):
         raise UserError(
             f'{spec.describe()}: stage kto needs a boolean label on every record, and this '
             f'{layout.format} entry maps none: add "kto_tag": "<field holding true/false>" under '

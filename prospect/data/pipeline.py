@@ -4,7 +4,8 @@ This is the data half of the run's straight line (prospect/train.py's docstring 
 read and validated (`formats`), cut to `max_samples`, encoded with the template (`encode`) in
 `preprocessing_num_workers` processes, and cached on disk keyed by everything that changes the
 tokens, so a second run (or `prospect train` after `prospect data check`) skips tokenization.
-Datasets are then concatenated and `val_size` is split off with `seed`.
+Datasets are then concatenated and `val_size` is split off with `seed` (whole conversations, when
+they rate several turns).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from prospect.errors import UserError
 from prospect.model import cache_root
 
 # Bump when the encoded columns or the encoding rules change, so old caches are not reused.
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: KTO examples are rated turns (Example.rated_turns)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class DatasetReport:
     num_prompts_cut: int = 0  # KTO: truncation removed prompt tokens (earlier turns) ...
     num_completions_cut: int = 0  # ... or the end of the completion
     num_trained_tokens: int = 0
+    rated_turns: dict[str, int] = field(default_factory=dict)  # KTO: rated turns per record -> records
 
 
 @dataclass
@@ -78,14 +80,39 @@ def prepare_data(config: RunConfig, tokenizer) -> PreparedData:
             raise UserError(
                 f"val_size: {config.val_size} leaves no training examples ({len(train)} in all): use a smaller value."
             )
-        split = train.train_test_split(test_size=num_eval, seed=config.seed, shuffle=True)
-        train, eval_set = split["train"], split["test"]
+        train, eval_set = _split_off(train, num_eval, config.seed)
     if len(train) == 0:
         raise UserError(
             "no training example is left after validation and cutoff_len "
             f"(datasets: {', '.join(config.dataset)}): run `prospect data check` to see why."
         )
     return PreparedData(train=train, eval=eval_set, reports=reports, template_name=template_name)
+
+
+def _split_off(train, num_eval: int, seed: int):
+    """(train, eval) with about `num_eval` examples held out at random. The rated turns of one
+    conversation (origins "file#i turn k") stay on one side: a turn held out whose conversation's
+    earlier turns were trained on would be judged on data the model has seen."""
+    conversations = [origin.split(" turn ")[0] for origin in train["origin"]]
+    if len(set(conversations)) == len(conversations):
+        split = train.train_test_split(test_size=num_eval, seed=seed, shuffle=True)
+        return split["train"], split["test"]
+    import random
+
+    order = list(dict.fromkeys(conversations))
+    random.Random(seed).shuffle(order)
+    size: dict[str, int] = {}
+    for name in conversations:
+        size[name] = size.get(name, 0) + 1
+    held_out, num_held_out = set(), 0
+    for name in order:
+        if num_held_out >= num_eval:
+            break
+        held_out.add(name)
+        num_held_out += size[name]
+    eval_rows = [i for i, name in enumerate(conversations) if name in held_out]
+    train_rows = [i for i, name in enumerate(conversations) if name not in held_out]
+    return train.select(train_rows), train.select(eval_rows)
 
 
 def _encode_all(config, names, split, template, tokenizer):
@@ -118,6 +145,11 @@ def _encode_dataset(config: RunConfig, spec: DatasetSpec, split: str, template, 
         examples = examples[: config.max_samples]
     if not examples:
         raise UserError(f"{spec.describe()}: no usable record (after on_bad_record and max_samples).")
+    if config.stage == "kto":  # one example per rated turn (most records rate their last turn only)
+        per_record = [example.rated_turns() for example in examples]
+        for turns in per_record:
+            report.rated_turns[str(len(turns))] = report.rated_turns.get(str(len(turns)), 0) + 1
+        examples = [turn for turns in per_record for turn in turns]
 
     source = datasets.Dataset.from_dict({"example": [e.to_json() for e in examples]})
     num_proc = config.preprocessing_num_workers if (config.preprocessing_num_workers or 1) > 1 else None

@@ -62,18 +62,22 @@ def turn_field(column: str, index: int | None, key: str | None) -> str:
     return f"{column}[{index}].{key}" if key else f"{column}[{index}]"
 
 
-def parse_label(record: dict, key: str | None, stage: str) -> bool | None:
-    """The KTO label in `record[key]`: a JSON boolean, required when stage is kto."""
+def parse_label(record: dict, key: str | None, stage: str, messages: list[Message] = ()) -> bool | None:
+    """The KTO label in `record[key]`: a JSON boolean, which rates the last turn. Stage kto needs
+    it unless a turn of `messages` carries a label of its own; the two may not disagree."""
     value = record.get(key) if key else None
     if value is None:
-        if stage == "kto":
+        if stage == "kto" and not any(m.label is not None for m in messages):
             raise RecordError(
                 key or "label",
                 "missing. Stage kto needs a label on every record: true (desirable) or false "
-                "(undesirable).",
+                "(undesirable), or a \"label\" on the assistant turns that were rated.",
             )
         return None
     if value is True or value is False:
+        if messages and messages[-1].label not in (None, value):
+            raise RecordError(key, f"{shown(value)} rates the last turn, which has its own label "
+                                   f"{shown(messages[-1].label)}: keep one of them.")
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         raise RecordError(
@@ -173,7 +177,7 @@ def check_function_call(content: str, field_name: str) -> None:
 
 def order_error(turn: tuple, position: int, step: int) -> RecordError:
     """The error for a turn whose role breaks the user/assistant alternation."""
-    role, _, shown_role, column, index, role_key, _ = turn
+    role, _, shown_role, column, index, role_key, _ = turn[:7]
     if role == "system":
         wanted = "a system turn may only come first"
     elif step == 0:
@@ -190,19 +194,31 @@ def order_error(turn: tuple, position: int, step: int) -> RecordError:
     )
 
 
+def turn_label(value, field_name: str, role: str) -> bool:
+    """A turn's own rating: a JSON boolean on an assistant (or function_call) turn."""
+    if value is not True and value is not False:
+        raise RecordError(field_name, f"expected true or false, got {shown(value)}. A turn's label is a "
+                                      "boolean (true = thumbs up).")
+    if role not in MODEL_SIDE:
+        raise RecordError(field_name, f"a label rates a reply, but this is a {role} turn: put it on the "
+                                      "assistant turn that was rated.")
+    return value
+
+
 def build_conversation(turns: list[tuple], system: str | None, messages_field: str,
                         stage: str) -> list[Message]:
     """Check a conversation and return it as Messages.
 
     `turns` holds (role, content, shown_role, column, index, role_key, content_key) per turn,
     where role is canonical and shown_role is the value written in the file; fields are named
-    lazily from column/index/keys, only when something is wrong. `system` comes from a system
-    column and is used when the turns have no system turn of their own.
+    lazily from column/index/keys, only when something is wrong. A turn may carry two more items,
+    (label, label_key): its own rating. `system` comes from a system column and is used when the
+    turns have no system turn of their own.
     """
     messages: list[Message] = []
     first = 0
     if turns and turns[0][0] == "system":
-        _, content, _, column, index, _, content_key = turns[0]
+        _, content, _, column, index, _, content_key = turns[0][:7]
         if not isinstance(content, str):
             raise RecordError(turn_field(column, index, content_key),
                                f"expected a string, got {json_type(content)}.")
@@ -241,9 +257,12 @@ def build_conversation(turns: list[tuple], system: str | None, messages_field: s
                                f"turn or the record.")
         if role == "function_call":
             check_function_call(content, turn_field(turn[3], turn[4], turn[6]))
+        if len(turn) > 7 and turn[7] is not None:
+            append(Message(role, content, turn_label(turn[7], turn_field(turn[3], turn[4], turn[8]), role)))
+            continue
         append(Message(role, content))
 
-    last_role, _, last_shown, column, index, role_key, _ = turns[-1]
+    last_role, _, last_shown, column, index, role_key, _ = turns[-1][:7]
     if last_role not in MODEL_SIDE:
         why = ("KTO rates the last assistant turn, so a KTO example must end with one"
                if stage == "kto" else "the conversation must end with the response to train on")

@@ -69,6 +69,10 @@ def print_check(config: RunConfig, data, out=None) -> None:
         p(f"  examples       {r.num_kept} kept, {dropped} dropped" + (f" ({why})" if why else ""))
         if r.num_desirable or r.num_undesirable:  # labelled (KTO) data
             p(f"  labels         {r.num_desirable} desirable, {r.num_undesirable} undesirable")
+        if any(count != "1" for count in r.rated_turns):  # some record rates more than its last turn
+            per = ", ".join(f"{n} in {r.rated_turns[n]}" for n in sorted(r.rated_turns, key=int))
+            p(f"  rated turns    {sum(int(n) * k for n, k in r.rated_turns.items())} "
+              f"(rated turns per conversation: {per} conversations)")
         lengths = sorted(r.token_lengths)
         p(f"  tokens/example p50 {_percentile(lengths, 50)}, p90 {_percentile(lengths, 90)}, "
           f"p99 {_percentile(lengths, 99)}, max {lengths[-1] if lengths else 0}")
