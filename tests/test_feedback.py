@@ -203,3 +203,32 @@ def test_the_chat_page_streams_a_reply_and_records_a_thumbs_down(feedback_server
     assert record["messages"] == [{"role": "user", "content": PROMPTS[1]},
                                   {"role": "assistant", "content": reply, "label": False}]
     assert all(url.startswith(page_url) for url in requests), "the page fetches nothing from elsewhere"
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop, end to end (examples/feedback_loop.py; on a tiny random model here, the embedded one in README)
+
+
+def test_the_feedback_loop_script_serves_rates_trains_and_evaluates(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "examples" / "feedback_loop.py"), "--model", str(tiny_model_dir),
+                           "--samples", "1", "--out", str(tmp_path / "loop")], capture_output=True, text=True,
+                          cwd=str(tmp_path), timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "loop" / "loop_results.json").read_text())
+    ratings = summary["ratings"]
+    assert ratings["replies"] == 121 == ratings["thumbs_up"] + ratings["thumbs_down"]
+    written = (tmp_path / "loop" / "feedback" / "feedback.jsonl").read_text().splitlines()
+    assert len(written) == 121 and sum(json.loads(line)["messages"][-1]["label"] for line in written) == ratings["thumbs_up"]
+    assert summary["held_out"]["prompts"] == 40 and summary["general"]["prompts"] == 48
+    for set_name in ("held_out", "general"):
+        for side in ("base", "trained"):
+            assert set(summary[set_name][side]) == {"one_sentence", "degenerate", "correct"}
+    # Refuses to write over ratings a person collected.
+    again = subprocess.run([sys.executable, str(root / "examples" / "feedback_loop.py"), "--model", str(tiny_model_dir),
+                            "--out", str(tmp_path / "loop")], capture_output=True, text=True, cwd=str(tmp_path))
+    assert again.returncode != 0 and "exists" in again.stdout + again.stderr
