@@ -23,8 +23,9 @@ run at the same time):
                       0.02 of bf16 LoRA's, peak memory of both.
   liger-kto           enable_liger_kernel: liger's RMSNorm / SwiGLU forward on the layers, losses within 0.01
                       of bf16 LoRA's (run last: liger patches the model classes for the whole process).
-  fa2                 with flash-attn installed, flash_attn: fa2 against sdpa; without it (PyPI has no
-                      wheel of it), `prospect train ... flash_attn=fa2` must exit 2 naming the reason.
+  fa2                 flash_attn: fa2 on CUDA (the flash-attn package's kernel, or PyTorch's own variable-length
+                      one, `prospect_varlen`) against bf16 LoRA with SDPA per sequence; on CPU,
+                      `prospect train ... flash_attn=fa2` must exit 2 naming the reason.
   ray-1gpu            (`ray`) the bf16-kto run through Ray Train with one GPU worker: the same losses.
 Then `run` ends with bench_gpu.py's throughput table (prospect-kto, trl-kto-fastest, prospect-sft on the
 Llama-3-8B shape, fewer steps than its default), as long as the time budget allows.
@@ -160,6 +161,7 @@ def train_once(spec: dict, name: str, **settings) -> dict:
         "q_proj": type(layer.self_attn.q_proj.base_layer).__name__,
         "norm_forward": getattr(layer.input_layernorm.forward, "__qualname__", ""),
         "mlp_forward": getattr(layer.mlp.forward, "__qualname__", ""),
+        "attention": model.get_base_model().config._attn_implementation,
     }
     reference = output_dir / "reference_logps.safetensors"
     if reference.is_file():
@@ -189,8 +191,6 @@ def refused(spec: dict, override: str) -> dict:
 
 def child(spec_path: str) -> None:
     """The runs of one device: `gpu` (bf16, QLoRA, fa2, liger last) or `cpu` (the float32 references)."""
-    import importlib.util
-
     import torch
 
     spec = json.loads(Path(spec_path).read_text())
@@ -202,7 +202,7 @@ def child(spec_path: str) -> None:
         bf16 = dict(bf16=True) if torch.cuda.is_available() else {}
         runs = [("bf16-sft", dict(stage="sft", **bf16)), ("bf16-kto", dict(stage="kto", **bf16)),
                 ("qlora-kto", dict(stage="kto", quantization_bit=4, **bf16))]
-        if importlib.util.find_spec("flash_attn") is not None:
+        if torch.cuda.is_available():  # the flash-attn package's kernel, or PyTorch's own varlen one
             runs.append(("fa2-kto", dict(stage="kto", flash_attn="fa2", **bf16)))
         else:
             results["fa2-refused"] = refused(spec, "flash_attn=fa2")
@@ -252,7 +252,8 @@ def verdicts(gpu: dict, cpu: dict) -> list[tuple[str, str, str]]:
             lines.append((f"bf16-{stage}", "FAIL", f"gpu: {(ours or {}).get('error')}; cpu: {(oracle or {}).get('error')}"))
             continue
         ok, worst = close(ours["losses"], oracle["losses"], **tolerance)
-        figures = f"losses {ours['losses']} vs float32 CPU {oracle['losses']} (worst {worst:.2e})"
+        figures = (f"attention {ours['attention']} vs {oracle['attention']}; losses {ours['losses']} vs float32 CPU "
+                   f"{oracle['losses']} (worst {worst:.2e})")
         if stage == "kto":
             ref_ok, ref_worst = close(ours.get("reference_logps", []), oracle.get("reference_logps", []), relative=0.01)
             ok, figures = ok and ref_ok, figures + f"; reference log-probs worst relative {ref_worst:.2e}"
@@ -262,7 +263,8 @@ def verdicts(gpu: dict, cpu: dict) -> list[tuple[str, str, str]]:
     for name, check, tolerance in (("qlora-kto", lambda r: r["q_proj"] == "Linear4bit", 0.02),
                                    ("liger-kto", lambda r: "Liger" in r["norm_forward"] and "Liger" in r["mlp_forward"],
                                     0.01),
-                                   ("fa2-kto", lambda r: True, 0.01)):
+                                   ("fa2-kto", lambda r: r["attention"] in ("flash_attention_2", "prospect_varlen"),
+                                    0.01)):
         result = gpu.get(name)
         if result is None:
             refusal = gpu.get(name.split("-")[0] + "-refused")
@@ -276,7 +278,8 @@ def verdicts(gpu: dict, cpu: dict) -> list[tuple[str, str, str]]:
         ok, worst = close(result["losses"], base["losses"], absolute=tolerance)
         applied = check(result)
         lines.append((name, "PASS" if ok and applied else "FAIL",
-                       f"layers {result['q_proj']}, norm {result['norm_forward']}, mlp {result['mlp_forward']}; losses "
+                       f"attention {result['attention']}, layers {result['q_proj']}, norm {result['norm_forward']}, "
+                       f"mlp {result['mlp_forward']}; losses "
                        f"{result['losses']} vs bf16 LoRA {base['losses']} (worst {worst:.2e}); peak {gib(result)} "
                        f"vs {gib(base)}; {result['seconds']:.1f} s"))
     return lines
@@ -339,7 +342,7 @@ def run_all(args) -> None:
     left = args.budget - (time.perf_counter() - started)
     if args.bench and left > 120:
         bench = [sys.executable, str(REPO / "benchmarks" / "bench_gpu.py"), "run", "--runs",
-                 "prospect-kto,trl-kto-fastest,prospect-sft", "--steps", "8", "--warmup", "2", "--examples", "64",
+                 args.bench_runs, "--steps", "8", "--warmup", "2", "--examples", "64",
                  "--out", str(out / "bench"), "--workdir", str(workdir / "bench")] + (["--tiny"] if args.tiny else [])
         print(f"bench_gpu.py with {left:.0f} s left:", flush=True)
         try:
@@ -406,6 +409,8 @@ def main() -> None:
         command.add_argument("--out", default=None)
         command.add_argument("--budget", type=float, default=420, help="seconds for the whole call")
         command.add_argument("--no-bench", dest="bench", action="store_false", help="skip bench_gpu.py's table")
+        command.add_argument("--bench-runs", default="prospect-kto,trl-kto-fastest,prospect-sft",
+                             help="bench_gpu.py's runs after the checks")
     sub.add_parser("child").add_argument("spec")
     args = parser.parse_args()
     if args.command == "prepare":

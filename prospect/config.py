@@ -51,9 +51,9 @@ class RunConfig:
     quantization_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type of quantization_bit: 4 (bitsandbytes).")
     double_quantization: bool = _f(True, "Quantize the 4-bit quantization constants too (saves ~0.4 bit/weight).")
     flash_attn: Literal["auto", "disabled", "sdpa", "fa2"] = _f(
-        "auto", "Attention of packed batches: fa2 = flash-attention 2's variable-length kernel (CUDA and the flash-attn "
-        "package, else exit 2); sdpa = PyTorch SDPA per sequence; auto = fa2 where available, else sdpa; "
-        "disabled = the model's eager attention.",
+        "auto", "Attention of packed batches: fa2 = flash-attention 2's variable-length kernel (CUDA, bf16/fp16; the "
+        "flash-attn package's, else PyTorch's own; else exit 2); sdpa = PyTorch SDPA per sequence; auto = the "
+        "flash-attn package where installed, else sdpa; disabled = the model's eager attention.",
     )
     enable_liger_kernel: bool = _f(
         False, "liger-kernel's fused RMSNorm, SwiGLU and RoPE in training (CUDA and `pip install liger-kernel`, "

@@ -86,7 +86,8 @@ def evaluate(config: RunConfig) -> dict:
     accelerator = Accelerator()
 
     # --- loss metrics, on packed batches like training ---------------------------------------------
-    model.set_attn_implementation(packed_attention_implementation(config.flash_attn, model.device))
+    sixteen_bit = model.dtype in (torch.bfloat16, torch.float16)
+    model.set_attn_implementation(packed_attention_implementation(config.flash_attn, model.device, sixteen_bit))
     hidden = HiddenStates(model)
     head = hidden.causal_lm().get_output_embeddings()
     results: dict = {"adapter": adapter, "num_examples": len(examples)}

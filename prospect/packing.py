@@ -5,9 +5,11 @@ A micro-batch of B sequences becomes one row of T = Σ len_i tokens, with positi
 No padding token is ever computed, whatever the spread of lengths, so the cost of a step is the cost
 of its real tokens (a padded batch of lengths 50 and 500 computes 1000 tokens; packed, 550).
 
-Attention must keep the sequences apart. Three backends do:
+Attention must keep the sequences apart. Four backends do:
 - `flash_attention_2` (GPU, when the `flash-attn` package is installed) reads `cu_seq_lens_q/k` and
   runs its variable-length kernel;
+- `prospect_varlen` (GPU, `flash_attn: fa2` without that package): the same kernel as PyTorch ships
+  it (`torch.nn.attention.varlen`), all sequences in one call, registered below;
 - `prospect_packed` (everywhere else), registered below: PyTorch's scaled-dot-product attention run
   causally on each sequence's slice. Its cost is Σ len_i², as with padding-free kernels, where a
   block-diagonal mask over the whole row would cost T².
@@ -30,7 +32,8 @@ from prospect.data.encode import IGNORE_INDEX
 
 PACKED_ATTENTION = "prospect_packed"
 PACKED_EAGER_ATTENTION = "prospect_packed_eager"
-PACKED_ATTENTIONS = (PACKED_ATTENTION, PACKED_EAGER_ATTENTION)  # the backends that read a PromptCache
+VARLEN_ATTENTION = "prospect_varlen"
+PACKED_ATTENTIONS = (PACKED_ATTENTION, PACKED_EAGER_ATTENTION, VARLEN_ATTENTION)  # the ones that read a PromptCache
 
 
 @dataclass
@@ -143,23 +146,62 @@ def packed_eager_attention(module, query, key, value, attention_mask, dropout=0.
     return _packed_attention(module, query, key, value, attention_mask, dropout, scaling, kwargs, eager=True)
 
 
-def _packed_attention(module, query, key, value, attention_mask, dropout, scaling, kwargs, *, eager: bool):
+@torch.compiler.disable
+def packed_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """`packed_sdpa_attention` with every sequence in one call of flash attention's variable-length
+    kernel as PyTorch ships it (`torch.nn.attention.varlen`, CUDA, 16-bit), where it applies."""
+    return _packed_attention(module, query, key, value, attention_mask, dropout, scaling, kwargs, eager=False,
+                             varlen=True)
+
+
+def _packed_attention(module, query, key, value, attention_mask, dropout, scaling, kwargs, *, eager: bool,
+                      varlen: bool = False):
     assert attention_mask is None, "packed attention takes sequence bounds (cu_seq_lens_q), not a mask"
     bounds = kwargs["cu_seq_lens_q"].tolist()
     cache = kwargs.get("prompt_cache")
     if cache is not None and cache.mode == "extend":
         return _extend_attention(module, cache, query, key, value, bounds, dropout, scaling, eager), None
-    outputs = [
-        _attend(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None, dropout,
-                scaling, eager)
-        for start, end in zip(bounds[:-1], bounds[1:])
-    ]
+    if varlen and not dropout and query.dtype in (torch.bfloat16, torch.float16):
+        output = _varlen(query, key, value, kwargs["cu_seq_lens_q"], kwargs["max_length_q"], scaling)
+    else:
+        outputs = [
+            _attend(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None, dropout,
+                    scaling, eager)
+            for start, end in zip(bounds[:-1], bounds[1:])
+        ]
+        output = torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
     if cache is not None and cache.mode == "capture":
         cache.layers[module.layer_idx] = [
             (key[:, :, start : start + n].detach(), value[:, :, start : start + n].detach())
             for start, n in zip(bounds[:-1], cache.prefix_lens)
         ]
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+    return output, None
+
+
+def _varlen(query, key, value, cu_seq_lens, max_length, scaling) -> torch.Tensor:
+    """Causal attention of all packed sequences in one kernel call: [1, heads, T, d] in, [1, T, heads, d] out."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))  # [T, heads, d]
+    if k.shape[1] != q.shape[1]:  # grouped-query attention (torch 2.11's varlen_attn has no enable_gqa)
+        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+    cu = cu_seq_lens.to(device=q.device, dtype=torch.int32)
+    length = int(max_length)
+    return varlen_attn(q, k, v, cu, cu, length, length, scale=scaling, **_CAUSAL).unsqueeze(0)
+
+
+def _causal_argument() -> dict:
+    """How this PyTorch's varlen_attn is told to be causal: window_size=(-1, 0), or is_causal in some releases."""
+    import inspect
+
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return {}
+    return {"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters else {"window_size": (-1, 0)}
+
+
+_CAUSAL = _causal_argument()
 
 
 def _attend(module, query, key, value, visible, dropout, scaling, eager: bool) -> torch.Tensor:
@@ -204,29 +246,39 @@ def register_packed_attention() -> None:
 
     AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
     AttentionInterface.register(PACKED_EAGER_ATTENTION, packed_eager_attention)
+    AttentionInterface.register(VARLEN_ATTENTION, packed_varlen_attention)
 
 
-def packed_attention_implementation(flash_attn: str, device: torch.device) -> str:
+def packed_attention_implementation(flash_attn: str, device: torch.device, sixteen_bit: bool = True) -> str:
     """The attention backend for packed batches.
 
     `flash_attn` is the config key: auto | fa2 | sdpa | disabled. fa2 is flash-attention 2's
-    variable-length kernel (transformers' `flash_attention_2`, which reads `cu_seq_lens_q/k`); it
-    needs CUDA and the flash-attn package, and asking for it where either is missing is an error.
-    auto takes fa2 where it can run, else `prospect_packed` (SDPA per sequence, which on CUDA
-    dispatches to PyTorch's own flash / memory-efficient kernels); disabled is the model's eager
-    attention per packed sequence.
+    variable-length kernel over all packed sequences at once: the flash-attn package's (transformers'
+    `flash_attention_2`, which reads `cu_seq_lens_q/k`) where it is installed, else the one PyTorch
+    ships (`torch.nn.attention.varlen`, `prospect_varlen`; not yet run on a GPU, so only fa2 asks for
+    it). It needs CUDA and 16-bit activations (`sixteen_bit`: bf16 or fp16); asking for it where it
+    cannot run is an error. auto takes the flash-attn package where it can run, else
+    `prospect_packed` (SDPA per sequence, which on CUDA dispatches to PyTorch's own flash /
+    memory-efficient kernels); disabled is the model's eager attention per packed sequence. (The KL
+    pass that continues cached prompts runs SDPA per sequence in every backend.)
     """
     import importlib.util
 
     from prospect.errors import UserError
 
-    has_fa2 = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
-    if flash_attn in ("auto", "fa2") and has_fa2:
+    cuda = device.type == "cuda"
+    has_package = cuda and importlib.util.find_spec("flash_attn") is not None
+    has_torch_varlen = cuda and importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    if flash_attn in ("auto", "fa2") and sixteen_bit and has_package:
         return "flash_attention_2"
+    register_packed_attention()
+    if flash_attn == "fa2" and sixteen_bit and has_torch_varlen:
+        return VARLEN_ATTENTION
     if flash_attn == "fa2":
-        why = ("this run has no CUDA device (flash-attention is a CUDA kernel)" if device.type != "cuda"
-               else "the flash-attn package is not installed (pip install flash-attn --no-build-isolation)")
+        why = ("this run has no CUDA device (flash-attention is a CUDA kernel)" if not cuda
+               else "it computes in 16 bits: set bf16: true (or fp16: true)" if not sixteen_bit
+               else "neither the flash-attn package (pip install flash-attn --no-build-isolation) nor a PyTorch "
+                    "with torch.nn.attention.varlen is installed")
         raise UserError(f"flash_attn: fa2: {why}. Use flash_attn: auto (fa2 where it can run, else PyTorch SDPA) "
                         "or sdpa.")
-    register_packed_attention()
     return PACKED_EAGER_ATTENTION if flash_attn == "disabled" else PACKED_ATTENTION

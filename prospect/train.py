@@ -86,7 +86,8 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
     main = accelerator.is_main_process
     say = print if main else (lambda *a, **k: None)
     check_gpu_keys(config, accelerator.device)  # before anything is written or loaded
-    attention = packed_attention_implementation(config.flash_attn, accelerator.device)
+    attention = packed_attention_implementation(config.flash_attn, accelerator.device,
+                                                sixteen_bit=config.bf16 or config.fp16)
     output_dir = Path(config.output_dir)
     if main:
         checkpoints.prepare_output_dir(config.output_dir, overwrite=config.overwrite_output_dir,

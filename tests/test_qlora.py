@@ -179,19 +179,30 @@ def test_keys_this_machine_cannot_honour_exit_2_with_the_reason(tmp_path, tiny_m
 # A faked CUDA device: each GPU key reaches the code that applies it
 
 
-def test_fa2_is_chosen_on_cuda_where_flash_attn_is_installed(monkeypatch):
+def test_fa2_is_flash_attn_or_torchs_varlen_kernel_on_cuda(monkeypatch):
     import importlib.util
 
-    from prospect.packing import PACKED_ATTENTION, packed_attention_implementation
+    from prospect.packing import PACKED_ATTENTION, VARLEN_ATTENTION, packed_attention_implementation
 
     cuda, real_find_spec = torch.device("cuda"), importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real_find_spec(name, *a))
+
+    def installed(*names):
+        kernels = {"flash_attn", "torch.nn.attention.varlen"}
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (object() if name in names else None)
+                            if name in kernels else real_find_spec(name, *a))
+
+    installed()  # neither kernel
     assert packed_attention_implementation("auto", cuda) == PACKED_ATTENTION
-    with pytest.raises(UserError, match="flash_attn: fa2: the flash-attn package is not installed"):
+    with pytest.raises(UserError, match="flash_attn: fa2: neither the flash-attn package .* nor a PyTorch"):
         packed_attention_implementation("fa2", cuda)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
-    assert packed_attention_implementation("fa2", cuda) == "flash_attention_2"
-    assert packed_attention_implementation("auto", cuda) == "flash_attention_2"
+    installed("torch.nn.attention.varlen")  # PyTorch's own variable-length kernel: fa2 asks for it, auto not yet
+    assert packed_attention_implementation("fa2", cuda) == VARLEN_ATTENTION
+    assert packed_attention_implementation("auto", cuda) == PACKED_ATTENTION
+    with pytest.raises(UserError, match="flash_attn: fa2: it computes in 16 bits: set bf16: true"):
+        packed_attention_implementation("fa2", cuda, sixteen_bit=False)
+    assert packed_attention_implementation("auto", cuda, sixteen_bit=False) == PACKED_ATTENTION
+    installed("flash_attn", "torch.nn.attention.varlen")  # the package first
+    assert packed_attention_implementation("fa2", cuda) == packed_attention_implementation("auto", cuda) == "flash_attention_2"
     assert packed_attention_implementation("sdpa", cuda) == PACKED_ATTENTION
 
 
@@ -254,3 +265,46 @@ def test_quantization_reaches_from_pretrained_with_the_configured_settings(tmp_p
     assert seen["device_map"] == {"": torch.device("cpu")}
     weight = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
     assert weight.quant_state.quant_type == "fp4" and weight.quant_state.nested is False
+
+
+def test_the_varlen_path_lays_out_packed_sequences_as_pytorchs_kernel_expects(monkeypatch):
+    """`prospect_varlen` on CPU, with PyTorch's CUDA-only kernel replaced by a plain implementation of its
+    documented contract ([T, heads, d] in and out, cumulative bounds, window (-1, 0) = causal): the
+    result equals SDPA run per sequence."""
+    import types as pytypes
+
+    import torch.nn.attention.varlen as varlen_module
+
+    import prospect.packing as packing
+
+    calls = []
+
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), **_):
+        calls.append(window_size)
+        assert q.dim() == 3 and q.shape[1] == k.shape[1], "[T, heads, d], key/value heads repeated to the query's"
+        assert cu_q.dtype == torch.int32 and max_q == int((cu_q[1:] - cu_q[:-1]).max())
+        out = torch.empty_like(q)
+        for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            scores = (q[start:end].float().transpose(0, 1) @ k[start:end].float().permute(1, 2, 0)) * scale
+            if window_size == (-1, 0):
+                scores = scores.masked_fill(torch.ones(end - start, end - start).triu(1).bool(), float("-inf"))
+            out[start:end] = (scores.softmax(-1) @ v[start:end].float().transpose(0, 1)).transpose(0, 1).to(q.dtype)
+        return out
+
+    monkeypatch.setattr(varlen_module, "varlen_attn", varlen_attn)
+    generator = torch.Generator().manual_seed(3)
+    lengths = [5, 1, 9, 3]
+    cu = torch.tensor([0, 5, 6, 15, 18], dtype=torch.int32)
+    query = torch.randn(1, 8, 18, 16, generator=generator).bfloat16()
+    key, value = (torch.randn(1, 2, 18, 16, generator=generator).bfloat16() for _ in range(2))  # GQA 8 / 2
+    module = pytypes.SimpleNamespace(layer_idx=0)
+    kwargs = dict(cu_seq_lens_q=cu, max_length_q=max(lengths))
+    got, _ = packing.packed_varlen_attention(module, query, key, value, None, scaling=0.25, **kwargs)
+    expected, _ = packing.packed_sdpa_attention(module, query, key, value, None, scaling=0.25, **kwargs)
+    assert calls == [(-1, 0)] and got.shape == expected.shape == (1, 18, 8, 16)
+    assert float((got.float() - expected.float()).abs().max()) < 2e-2
+    # In float32 (or with dropout) the kernel does not apply: SDPA per sequence, exactly.
+    same, _ = packing.packed_varlen_attention(module, query.float(), key.float(), value.float(), None, scaling=0.25,
+                                              **kwargs)
+    assert calls == [(-1, 0)] and torch.equal(same, packing.packed_sdpa_attention(
+        module, query.float(), key.float(), value.float(), None, scaling=0.25, **kwargs)[0])
