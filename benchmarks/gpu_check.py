@@ -120,12 +120,24 @@ def save_model(folder: Path, tokenizer_dir: Path, tiny: bool) -> None:
     tokenizer.save_pretrained(str(folder))
 
 
+def run_config(spec: dict, name: str, **settings):
+    """The config every check trains with (3 steps of 4 examples), output in the workdir's `name`."""
+    from prospect.config import build_config
+
+    return build_config(dict(
+        model_name_or_path=spec["model_dir"], dataset=[bench_gpu.DATASET], dataset_dir=spec["data_dir"],
+        template="llama3", cutoff_len=CUTOFF, max_samples=BATCH * STEPS, per_device_train_batch_size=BATCH,
+        per_device_eval_batch_size=BATCH, max_steps=STEPS, learning_rate=LEARNING_RATE,
+        lr_scheduler_type="constant", lora_rank=8, lora_alpha=16, seed=SEED,
+        output_dir=str(Path(spec["workdir"]) / name), overwrite_output_dir=True, logging_steps=1, save_steps=10**6, report_to=["none"], overwrite_cache=True,
+        cache_dir=str(Path(spec["workdir"]) / f"{name}.cache"), **settings))
+
+
 def train_once(spec: dict, name: str, **settings) -> dict:
     """One prospect run; its logged losses, peak GPU memory, reference log-probs and layer classes."""
     import torch
 
     import prospect.train
-    from prospect.config import build_config
 
     built = []
     original = prospect.train.load_trainable_model
@@ -141,14 +153,7 @@ def train_once(spec: dict, name: str, **settings) -> dict:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     try:
-        config = build_config(dict(
-            model_name_or_path=spec["model_dir"], dataset=[bench_gpu.DATASET], dataset_dir=spec["data_dir"],
-            template="llama3", cutoff_len=CUTOFF, max_samples=BATCH * STEPS, per_device_train_batch_size=BATCH,
-            per_device_eval_batch_size=BATCH, max_steps=STEPS, learning_rate=LEARNING_RATE,
-            lr_scheduler_type="constant", lora_rank=8, lora_alpha=16, seed=SEED, output_dir=str(output_dir),
-            overwrite_output_dir=True, logging_steps=1, save_steps=10**6, report_to=["none"], overwrite_cache=True,
-            cache_dir=str(Path(spec["workdir"]) / f"{name}.cache"), **settings))
-        prospect.train.train(config)
+        prospect.train.train(run_config(spec, name, **settings))
     finally:
         prospect.train.load_trainable_model = original
     model = built[-1]
@@ -373,18 +378,10 @@ def run_ray(args) -> None:
         settings.update(bf16=True, resources_per_worker={"GPU": 1})
     try:
         import prospect.train
-        from prospect.config import build_config
         from prospect.launch import launch
 
-        config = build_config(dict(
-            model_name_or_path=spec["model_dir"], dataset=[bench_gpu.DATASET], dataset_dir=spec["data_dir"],
-            template="llama3", cutoff_len=CUTOFF, max_samples=BATCH * STEPS, per_device_train_batch_size=BATCH,
-            per_device_eval_batch_size=BATCH, max_steps=STEPS, learning_rate=LEARNING_RATE,
-            lr_scheduler_type="constant", lora_rank=8, lora_alpha=16, seed=SEED, output_dir=str(workdir / "ray-out"),
-            overwrite_output_dir=True, logging_steps=1, save_steps=10**6, report_to=["none"], overwrite_cache=True,
-            cache_dir=str(workdir / "ray.cache"), **settings))
         assert prospect.train  # imported before Ray forks its workers
-        launch(config)
+        launch(run_config(spec, "ray-out", **settings))
         metrics = next((workdir / "ray").rglob("metrics.jsonl"))
         losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()
                   if json.loads(line).get("split") == "train"]

@@ -157,11 +157,15 @@ def packed_varlen_attention(module, query, key, value, attention_mask, dropout=0
 def _packed_attention(module, query, key, value, attention_mask, dropout, scaling, kwargs, *, eager: bool,
                       varlen: bool = False):
     assert attention_mask is None, "packed attention takes sequence bounds (cu_seq_lens_q), not a mask"
-    bounds = kwargs["cu_seq_lens_q"].tolist()
     cache = kwargs.get("prompt_cache")
-    if cache is not None and cache.mode == "extend":
+    mode = cache.mode if cache is not None else "off"
+    if mode == "extend":
+        bounds = kwargs["cu_seq_lens_q"].tolist()
         return _extend_attention(module, cache, query, key, value, bounds, dropout, scaling, eager), None
-    if varlen and not dropout and query.dtype in (torch.bfloat16, torch.float16):
+    use_varlen = varlen and not dropout and query.dtype in (torch.bfloat16, torch.float16)
+    # The bounds as Python numbers cost a device sync per layer: the one-call kernel does without them.
+    bounds = None if use_varlen and mode != "capture" else kwargs["cu_seq_lens_q"].tolist()
+    if use_varlen:
         output = _varlen(query, key, value, kwargs["cu_seq_lens_q"], kwargs["max_length_q"], scaling)
     else:
         outputs = [
@@ -170,7 +174,7 @@ def _packed_attention(module, query, key, value, attention_mask, dropout, scalin
             for start, end in zip(bounds[:-1], bounds[1:])
         ]
         output = torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
-    if cache is not None and cache.mode == "capture":
+    if mode == "capture":
         cache.layers[module.layer_idx] = [
             (key[:, :, start : start + n].detach(), value[:, :, start : start + n].detach())
             for start, n in zip(bounds[:-1], cache.prefix_lens)
@@ -187,21 +191,8 @@ def _varlen(query, key, value, cu_seq_lens, max_length, scaling) -> torch.Tensor
         k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
     cu = cu_seq_lens.to(device=q.device, dtype=torch.int32)
     length = int(max_length)
-    return varlen_attn(q, k, v, cu, cu, length, length, scale=scaling, **_CAUSAL).unsqueeze(0)
-
-
-def _causal_argument() -> dict:
-    """How this PyTorch's varlen_attn is told to be causal: window_size=(-1, 0), or is_causal in some releases."""
-    import inspect
-
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return {}
-    return {"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters else {"window_size": (-1, 0)}
-
-
-_CAUSAL = _causal_argument()
+    # window (-1, 0): every earlier key, no later one, i.e. causal (its signature in torch 2.11 and 2.13)
+    return varlen_attn(q, k, v, cu, cu, length, length, scale=scaling, window_size=(-1, 0)).unsqueeze(0)
 
 
 def _attend(module, query, key, value, visible, dropout, scaling, eager: bool) -> torch.Tensor:

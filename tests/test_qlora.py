@@ -14,7 +14,8 @@ import torch
 
 from prospect.cli import main
 from prospect.errors import UserError
-from test_train import adapter_weights, logged, make_config, max_difference, run, spy_model  # noqa: F401
+from test_train import (  # noqa: F401 (spy_model: a fixture)
+    adapter_weights, logged, make_config, max_difference, run, run_crashing_in_step, spy_model)
 
 pytest.importorskip("bitsandbytes")
 
@@ -90,19 +91,8 @@ def test_qlora_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_dir, monk
     overrides = dict(stage="kto", quantization_bit=4, max_steps=4, save_steps=2)
     uninterrupted = make_config(tmp_path / "a", tiny_model_dir, **overrides)
     run(uninterrupted)
-    original, calls = KTO.step, []
-
-    def crash_in_step_three(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("simulated crash")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(KTO, "step", crash_in_step_three)
     interrupted = make_config(tmp_path / "b", tiny_model_dir, **overrides)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run(interrupted)
-    monkeypatch.setattr(KTO, "step", original)
+    run_crashing_in_step(interrupted, KTO, 3, monkeypatch)
     resumed = run(make_config(tmp_path / "b", tiny_model_dir, **overrides, resume_from_checkpoint="true"))
     assert resumed["resumed_from_step"] == 2
     assert max_difference(adapter_weights(uninterrupted.output_dir), adapter_weights(interrupted.output_dir)) <= 1e-6

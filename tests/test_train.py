@@ -168,6 +168,22 @@ def test_reference_logps_are_computed_once_and_reused(tmp_path, tiny_model_dir, 
     assert resumed["resumed_from_step"] == 12 and resumed["reference_forward_passes"] == 0 and len(calls) == 1
 
 
+def run_crashing_in_step(config, objective, step: int, monkeypatch) -> None:
+    """Train `config` with a simulated crash in the objective's `step`-th optimizer step."""
+    original, calls = objective.step, []
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            raise RuntimeError("simulated crash")
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(objective, "step", crashing)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run(config)
+
+
 @pytest.mark.parametrize("stage", ["kto", "sft"])
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_model_dir, monkeypatch, stage):
     from prospect.objectives.kto import KTO
@@ -177,21 +193,9 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_model_d
     uninterrupted = make_config(tmp_path / "a", tiny_model_dir, **overrides)
     run(uninterrupted)
 
-    objective = KTO if stage == "kto" else SFT
-    original, calls = objective.step, []
-
-    def crash_in_step_five(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise RuntimeError("simulated crash")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(objective, "step", crash_in_step_five)
     interrupted = make_config(tmp_path / "b", tiny_model_dir, **overrides)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run(interrupted)
+    run_crashing_in_step(interrupted, KTO if stage == "kto" else SFT, 5, monkeypatch)
     assert sorted(p.name for p in Path(interrupted.output_dir).glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    monkeypatch.setattr(objective, "step", original)
     resumed = run(make_config(tmp_path / "b", tiny_model_dir, **overrides, resume_from_checkpoint="true"))
 
     assert resumed["resumed_from_step"] == 4

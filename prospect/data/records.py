@@ -177,7 +177,7 @@ def check_function_call(content: str, field_name: str) -> None:
 
 def order_error(turn: tuple, position: int, step: int) -> RecordError:
     """The error for a turn whose role breaks the user/assistant alternation."""
-    role, _, shown_role, column, index, role_key, _ = turn[:7]
+    role, _, shown_role, column, index, role_key, *_ = turn
     if role == "system":
         wanted = "a system turn may only come first"
     elif step == 0:
@@ -218,7 +218,7 @@ def build_conversation(turns: list[tuple], system: str | None, messages_field: s
     messages: list[Message] = []
     first = 0
     if turns and turns[0][0] == "system":
-        _, content, _, column, index, _, content_key = turns[0][:7]
+        _, content, _, column, index, _, content_key, *_ = turns[0]
         if not isinstance(content, str):
             raise RecordError(turn_field(column, index, content_key),
                                f"expected a string, got {json_type(content)}.")
@@ -262,7 +262,7 @@ def build_conversation(turns: list[tuple], system: str | None, messages_field: s
             continue
         append(Message(role, content))
 
-    last_role, _, last_shown, column, index, role_key, _ = turns[-1][:7]
+    last_role, _, last_shown, column, index, role_key, *_ = turns[-1]
     if last_role not in MODEL_SIDE:
         why = ("KTO rates the last assistant turn, so a KTO example must end with one"
                if stage == "kto" else "the conversation must end with the response to train on")
