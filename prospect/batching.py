@@ -2,7 +2,9 @@
 
 - `plan_schedule` / `step_examples` / `rank_micro_batches`: the data order is a function of (seed,
   epoch) only, so a resumed run sees the same batches; a step's examples are split over ranks and
-  micro-batches, each with the weight that keeps the step's normalisation exact.
+  micro-batches, each with the weight that keeps the step's normalisation exact. The rated turns of
+  one conversation (KTO) stay next to each other in that order, so a micro-batch usually holds them
+  together and computes the conversation once (`packing.shared_hosts`).
 - `Examples`: one split's encoded rows, packed on demand (`targets`), with KTO's KL pairs
   (`kl_pairs`, `kl_continuations`), the prompt cache that lets a KL pass reuse the prompts' keys and
   values (`prompt_cache`), the reference log-probs once computed, and a fingerprint of it all.
@@ -22,9 +24,10 @@ import torch
 
 from prospect.config import RunConfig
 from prospect.data.encode import IGNORE_INDEX
+from prospect.data.example import conversation_of
 from prospect.errors import UserError
 from prospect.losses import kl_partners
-from prospect.packing import PACKED_ATTENTIONS, PackedBatch, PromptCache, pack
+from prospect.packing import PACKED_ATTENTIONS, PackedBatch, PromptCache, pack, shared_hosts
 
 
 @dataclass(frozen=True)
@@ -35,32 +38,37 @@ class Schedule:
     world_size: int
     steps_per_epoch: int
     total_steps: int
+    conversation_sizes: tuple[int, ...] = ()  # sizes of the runs of examples shuffled as one; () = each alone
 
     @property
     def global_batch_size(self) -> int:
         return self.micro_batch_size * self.accumulation_steps * self.world_size
 
 
-def plan_schedule(num_examples: int, config: RunConfig, world_size: int) -> Schedule:
+def plan_schedule(num_examples: int, config: RunConfig, world_size: int,
+                  conversation_sizes: tuple[int, ...] = ()) -> Schedule:
     global_batch = config.per_device_train_batch_size * config.gradient_accumulation_steps * world_size
     steps_per_epoch = math.ceil(num_examples / global_batch)  # the last step of an epoch may be smaller
     total = config.max_steps if config.max_steps > 0 else math.ceil(steps_per_epoch * config.num_train_epochs)
     return Schedule(num_examples, config.per_device_train_batch_size, config.gradient_accumulation_steps,
-                    world_size, steps_per_epoch, max(1, total))
+                    world_size, steps_per_epoch, max(1, total), tuple(conversation_sizes))
 
 
-def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
-    """The order of the examples in `epoch`: a permutation drawn from (seed, epoch) only."""
-    order = list(range(num_examples))
-    random.Random(f"{seed}-{epoch}").shuffle(order)
-    return order
+def epoch_order(schedule: Schedule, seed: int, epoch: int) -> list[int]:
+    """The order of the examples in `epoch`: a permutation drawn from (seed, epoch) only, of whole
+    conversations where the schedule has them (each conversation's examples in their own order)."""
+    bounds = np.cumsum((0,) + (schedule.conversation_sizes or (1,) * schedule.num_examples)).tolist()
+    assert bounds[-1] == schedule.num_examples, "the conversation sizes must add up to the number of examples"
+    groups = [range(start, end) for start, end in zip(bounds[:-1], bounds[1:])]
+    random.Random(f"{seed}-{epoch}").shuffle(groups)  # the same permutation as of the indices when all are alone
+    return [index for group in groups for index in group]
 
 
 def step_examples(schedule: Schedule, seed: int, step: int) -> list[int]:
     """Indices of the examples of optimizer step `step` (0-based), the same on every rank."""
     epoch, position = divmod(step, schedule.steps_per_epoch)
     start = position * schedule.global_batch_size
-    return epoch_order(schedule.num_examples, seed, epoch)[start : start + schedule.global_batch_size]
+    return epoch_order(schedule, seed, epoch)[start : start + schedule.global_batch_size]
 
 
 def examples_of_steps(schedule: Schedule, seed: int, first_step: int) -> list[int]:
@@ -70,7 +78,7 @@ def examples_of_steps(schedule: Schedule, seed: int, first_step: int) -> list[in
     while step < schedule.total_steps and len(needed) < schedule.num_examples:
         epoch, position = divmod(step, schedule.steps_per_epoch)
         end = min(schedule.total_steps, (epoch + 1) * schedule.steps_per_epoch)  # this epoch's steps in range
-        order = epoch_order(schedule.num_examples, seed, epoch)
+        order = epoch_order(schedule, seed, epoch)
         needed.update(order[position * schedule.global_batch_size :
                             (end - epoch * schedule.steps_per_epoch) * schedule.global_batch_size])
         step = end
@@ -101,6 +109,10 @@ class Examples:
     def __init__(self, dataset, *, stage: str, cutoff_len: int, seed: int):
         self.dataset = dataset.select_columns(["input_ids", "labels", "prompt_len", "label"])
         self.stage = stage
+        # The record each example comes from: KTO's rated turns of one record share a forward pass.
+        numbers: dict[str, int] = {}
+        self.conversations = [numbers.setdefault(conversation_of(origin), len(numbers))
+                              for origin in dataset.select_columns(["origin"])[:]["origin"]]
         self.cutoff_len = cutoff_len
         # Columns written at encode time, read through the dataset's indexing: a split (val_size) or the
         # selection of kept rows is an index mapping over the stored table, which only indexing applies.
@@ -123,9 +135,25 @@ class Examples:
     def labels(self, indices: list[int]) -> torch.Tensor:
         return torch.tensor(self.dataset[indices]["label"], dtype=torch.bool)
 
+    @property
+    def conversation_sizes(self) -> tuple[int, ...]:
+        """Sizes of the runs of consecutive examples from one conversation (a record's rated turns)."""
+        sizes: list[int] = []
+        for number, previous in zip(self.conversations, [None] + self.conversations[:-1]):
+            if number == previous:
+                sizes[-1] += 1
+            else:
+                sizes.append(1)
+        return tuple(sizes)
+
     def targets(self, indices: list[int]) -> PackedBatch:
+        """The examples packed, rated turns of one conversation sharing its sequence where they can."""
         rows = self.dataset[indices]
-        return pack(list(zip(rows["input_ids"], rows["labels"])))
+        sequences = list(zip(rows["input_ids"], rows["labels"]))
+        conversations = [self.conversations[i] for i in indices]
+        if len(set(conversations)) == len(conversations):  # nothing to share
+            return pack(sequences)
+        return pack(sequences, shared_hosts(sequences, conversations))
 
     def _kl_pair_ids(self, indices: list[int]) -> list[tuple[list[int], int]]:
         """(prompt of example i + completion of its partner, cut to cutoff_len; the prompt's length) per index."""
@@ -149,20 +177,20 @@ class Examples:
         pairs = self._kl_pair_ids(indices)
         batch = pack([(pair[prompt_len - 1 :], [IGNORE_INDEX] + pair[prompt_len:]) for pair, prompt_len in pairs])
         offsets = torch.tensor([prompt_len - 1 for _, prompt_len in pairs])
-        batch.position_ids += offsets[batch.sequence_index]
+        batch.position_ids += offsets.repeat_interleave(batch.cu_seq_lens.diff())  # one sequence per example
         return batch
 
-    def prompt_cache(self, indices: list[int], hidden_model) -> PromptCache | None:
-        """A `PromptCache` for the prompts of `indices` (all but their last token), or None where it
-        cannot be used: an attention backend other than prospect's packed ones, or a prompt of 0 tokens or
-        longer than cutoff_len."""
+    def prompt_cache(self, indices: list[int], hidden_model, batch: PackedBatch) -> PromptCache | None:
+        """A `PromptCache` for the prompts of `indices` (all but their last token) in `batch`, their
+        `targets`, or None where it cannot be used: an attention backend other than prospect's packed
+        ones, or a prompt of 0 tokens or longer than cutoff_len."""
         model = getattr(hidden_model, "module", hidden_model)  # DDP wraps the HiddenStates module
         if model.causal_lm().config._attn_implementation not in PACKED_ATTENTIONS:
             return None
         prompt_lens = self.dataset[indices]["prompt_len"]
         if not prompt_lens or min(prompt_lens) < 1 or max(prompt_lens) > self.cutoff_len:
             return None
-        return PromptCache([n - 1 for n in prompt_lens])
+        return PromptCache([(start, n - 1) for start, n in zip(batch.example_starts, prompt_lens)])
 
     @functools.cached_property
     def fingerprint(self) -> str:

@@ -40,13 +40,13 @@ class HiddenStates(torch.nn.Module):
 
 def sequence_logps(hidden_model, head, batch: PackedBatch, device, prompt_cache: PromptCache | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-sequence summed log-probs of the targets [B], per-token log-probs [T]), float32."""
+    """(per-example summed log-probs of the targets [B], per-token log-probs [T]), float32."""
     batch = batch.to(device)
     extra = {} if prompt_cache is None else {"prompt_cache": prompt_cache}
     hidden = hidden_model(**batch.model_inputs(), **extra)
     per_token = token_logps(hidden, head, batch.targets)
-    per_sequence = torch.zeros(batch.num_sequences, dtype=torch.float32, device=device)
-    return per_sequence.index_add(0, batch.sequence_index, per_token), per_token
+    per_example = torch.zeros(batch.num_examples, dtype=torch.float32, device=device)
+    return per_example.index_add(0, batch.example_index, per_token), per_token
 
 
 def reduce_sums(values: dict, accelerator) -> dict:

@@ -38,19 +38,24 @@ PACKED_ATTENTIONS = (PACKED_ATTENTION, PACKED_EAGER_ATTENTION, VARLEN_ATTENTION)
 
 @dataclass
 class PackedBatch:
-    """B sequences packed into one row of T tokens.
+    """B examples packed into one row of T tokens.
 
     `targets[t]` is the token that position t must predict (the next token of the same sequence) or
-    IGNORE_INDEX where nothing is trained; `sequence_index[t]` is the sequence position t belongs to.
+    IGNORE_INDEX where nothing is trained; its log-prob counts towards example `example_index[t]`.
+    Usually each example is a sequence of its own. KTO's rated turns of one conversation share one:
+    an earlier turn's example is a prefix of the later one's, so its targets ride in the later
+    sequence (causal attention gives them the same log-probs) and the conversation is computed once.
+    `example_starts[b]` is where example b's tokens start in the row.
     """
 
     input_ids: torch.Tensor  # [1, T] long
     position_ids: torch.Tensor  # [1, T] long, restarting at 0 for each sequence
     targets: torch.Tensor  # [T] long
-    sequence_index: torch.Tensor  # [T] long, in [0, B)
-    cu_seq_lens: torch.Tensor  # [B + 1] int32
+    example_index: torch.Tensor  # [T] long, in [0, B)
+    cu_seq_lens: torch.Tensor  # [S + 1] int32, S ≤ B sequences
     max_length: int
-    num_sequences: int
+    num_examples: int
+    example_starts: list[int]  # [B]
 
     @property
     def num_tokens(self) -> int:
@@ -63,7 +68,8 @@ class PackedBatch:
     def to(self, device) -> "PackedBatch":
         return PackedBatch(
             self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device),
-            self.sequence_index.to(device), self.cu_seq_lens.to(device), self.max_length, self.num_sequences,
+            self.example_index.to(device), self.cu_seq_lens.to(device), self.max_length, self.num_examples,
+            self.example_starts,
         )
 
     def model_inputs(self) -> dict:
@@ -80,33 +86,77 @@ class PackedBatch:
         }
 
 
-def pack(sequences: list[tuple[list[int], list[int]]]) -> PackedBatch:
+def pack(sequences: list[tuple[list[int], list[int]]], hosts: list[int] | None = None) -> PackedBatch:
     """Pack (input_ids, labels) pairs, labels aligned with input_ids (labels[t] = input_ids[t] where
-    trained, IGNORE_INDEX elsewhere), as `prospect.data.encode` produces them."""
+    trained, IGNORE_INDEX elsewhere), as `prospect.data.encode` produces them.
+
+    `hosts[b]` (default: b) is the example whose sequence example b's targets ride in: b itself, or
+    an example whose ids start with b's and whose own targets are elsewhere (`shared_hosts`)."""
     assert sequences, "a packed batch needs at least one sequence"
-    input_ids, positions, targets, sequence_index, bounds = [], [], [], [], [0]
+    hosts = list(range(len(sequences))) if hosts is None else hosts
+    input_ids, positions, targets, example_index, bounds = [], [], [], [], [0]
+    starts = {}
     for index, (ids, labels) in enumerate(sequences):
         assert len(ids) == len(labels) and ids, "each sequence needs as many labels as ids, and at least one token"
+        if hosts[index] != index:
+            continue
+        starts[index] = bounds[-1]
         input_ids += ids
         positions += range(len(ids))
         targets += labels[1:] + [IGNORE_INDEX]  # position t predicts token t+1 of its own sequence
-        sequence_index += [index] * len(ids)
+        example_index += [index] * len(ids)
         bounds.append(bounds[-1] + len(ids))
+    for index, (ids, labels) in enumerate(sequences):
+        host = hosts[index]
+        if host == index:
+            continue
+        start = starts[host]
+        assert list(sequences[host][0][: len(ids)]) == list(ids), f"example {index} must be a prefix of its host {host}"
+        for t, label in enumerate(labels[1:]):
+            if label != IGNORE_INDEX:
+                assert targets[start + t] == IGNORE_INDEX, f"example {index}'s targets must not overlap its host's"
+                targets[start + t], example_index[start + t] = label, index
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     return PackedBatch(
         input_ids=torch.tensor([input_ids]),
         position_ids=torch.tensor([positions]),
         targets=torch.tensor(targets),
-        sequence_index=torch.tensor(sequence_index),
+        example_index=torch.tensor(example_index),
         cu_seq_lens=torch.tensor(bounds, dtype=torch.int32),
         max_length=max(lengths),
-        num_sequences=len(sequences),
+        num_examples=len(sequences),
+        example_starts=[starts[hosts[b]] for b in range(len(sequences))],
     )
 
 
+def shared_hosts(sequences: list[tuple[list[int], list[int]]], conversations: list) -> list[int]:
+    """For `pack`: the sequence each example's targets ride in. An example rides in another of the same
+    conversation when its ids are a prefix of the other's and none of its targets falls on a target
+    already placed there (a rated earlier turn is part of a later turn's prompt); otherwise it is a
+    sequence of its own. Longer sequences host first, so a conversation's rated turns share its last
+    one's sequence."""
+    hosts = list(range(len(sequences)))
+    claimed: dict[int, set[int]] = {}  # host -> its target positions taken so far
+    by_length = sorted(range(len(sequences)), key=lambda b: -len(sequences[b][0]))
+    for b in by_length:
+        ids, labels = sequences[b]
+        mine = {t for t, label in enumerate(labels[1:]) if label != IGNORE_INDEX}
+        for host in claimed:
+            host_ids = sequences[host][0]
+            if (conversations[host] == conversations[b] and len(host_ids) >= len(ids)
+                    and not (mine & claimed[host]) and list(host_ids[: len(ids)]) == list(ids)):
+                hosts[b] = host
+                claimed[host] |= mine
+                break
+        else:
+            claimed[b] = mine
+    return hosts
+
+
 class PromptCache:
-    """The keys and values of each sequence's first `prefix_lens[i]` tokens, per layer: captured by one
-    forward of packed sequences, read by a second forward that continues those prefixes.
+    """The keys and values of each example's prompt prefix (`prefixes[b]`: its start in the packed row and
+    its length), per layer: captured by one forward of packed sequences, read by a second forward that
+    continues those prefixes.
 
     KTO's KL pair i is example i's prompt followed by another example's completion. The policy's
     forward over the targets (prompt_i + completion_i) captures the prompts' keys and values
@@ -117,8 +167,8 @@ class PromptCache:
     ignores it (e.g. when gradient checkpointing recomputes the capturing forward during backward).
     """
 
-    def __init__(self, prefix_lens: list[int]):
-        self.prefix_lens = list(prefix_lens)
+    def __init__(self, prefixes: list[tuple[int, int]]):
+        self.prefixes = list(prefixes)  # (start in the packed row, length) of each example's prompt prefix
         self.mode = "capture"  # read by the attention: capture, extend or off
         self.layers: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
@@ -164,7 +214,7 @@ def _packed_attention(module, query, key, value, attention_mask, dropout, scalin
         return _extend_attention(module, cache, query, key, value, bounds, dropout, scaling, eager), None
     use_varlen = varlen and not dropout and query.dtype in (torch.bfloat16, torch.float16)
     # The bounds as Python numbers cost a device sync per layer: the one-call kernel does without them.
-    bounds = None if use_varlen and mode != "capture" else kwargs["cu_seq_lens_q"].tolist()
+    bounds = None if use_varlen else kwargs["cu_seq_lens_q"].tolist()
     if use_varlen:
         output = _varlen(query, key, value, kwargs["cu_seq_lens_q"], kwargs["max_length_q"], scaling)
     else:
@@ -177,7 +227,7 @@ def _packed_attention(module, query, key, value, attention_mask, dropout, scalin
     if mode == "capture":
         cache.layers[module.layer_idx] = [
             (key[:, :, start : start + n].detach(), value[:, :, start : start + n].detach())
-            for start, n in zip(bounds[:-1], cache.prefix_lens)
+            for start, n in cache.prefixes
         ]
     return output, None
 

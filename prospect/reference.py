@@ -41,8 +41,9 @@ def compute_reference_logps(examples: Examples, hidden_model, head, *, accelerat
     for positions in batches_of(mine, batch_size):
         chunk = [indices[position] for position in positions]
         where = torch.tensor(positions, device=accelerator.device)
-        cache = examples.prompt_cache(chunk, hidden_model)  # the KL pass reuses the targets' prompts
-        logps[where] = sequence_logps(hidden_model, head, examples.targets(chunk), accelerator.device, cache)[0]
+        batch = examples.targets(chunk)
+        cache = examples.prompt_cache(chunk, hidden_model, batch)  # the KL pass reuses the targets' prompts
+        logps[where] = sequence_logps(hidden_model, head, batch, accelerator.device, cache)[0]
         if cache is not None:
             cache.extend()
         kl_batch = examples.kl_pairs(chunk) if cache is None else examples.kl_continuations(chunk)

@@ -131,7 +131,7 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                   eps=config.adam_epsilon, weight_decay=config.weight_decay)
-    schedule = plan_schedule(len(train_set), config, accelerator.num_processes)
+    schedule = plan_schedule(len(train_set), config, accelerator.num_processes, train_set.conversation_sizes)
     warmup = config.warmup_steps if config.warmup_steps > 0 else math.ceil(config.warmup_ratio * schedule.total_steps)
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                               num_training_steps=schedule.total_steps)

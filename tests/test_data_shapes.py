@@ -126,7 +126,7 @@ def test_step_normalisers_count_the_packed_rows(case, smollm_dir, smollm_tokeniz
         # ... against the rows that were packed, counted on the tensors
         packed_targets = sum(int((batch.targets != IGNORE_INDEX).sum()) for batch in packed)
         assert sft_normaliser == packed_targets, f"step {step}: trained tokens of the step"
-        assert sum(batch.num_sequences for batch in packed) == len(indices), f"step {step}: examples of the step"
+        assert sum(batch.num_examples for batch in packed) == len(indices), f"step {step}: examples of the step"
         assert sum(int(batch.input_ids.shape[1]) for batch in packed) == int(examples.num_tokens[indices].sum())
         position = 0
         for rank in range(case["world"]):
@@ -134,8 +134,8 @@ def test_step_normalisers_count_the_packed_rows(case, smollm_dir, smollm_tokeniz
                 if weight == 0:
                     continue
                 batch = examples.targets(chunk)
-                per_sequence = torch.zeros(batch.num_sequences, dtype=torch.long).index_add(
-                    0, batch.sequence_index, (batch.targets != IGNORE_INDEX).long())
+                per_sequence = torch.zeros(batch.num_examples, dtype=torch.long).index_add(
+                    0, batch.example_index, (batch.targets != IGNORE_INDEX).long())
                 assert per_sequence.tolist() == examples.num_trained_targets[chunk].tolist(), "pref_ftx's divisor"
                 position += len(chunk)
         assert position == len(indices)

@@ -468,9 +468,10 @@ def test_kl_pass_on_cached_prompts_equals_whole_kl_pairs(tmp_path, tiny_model_di
         assert max(pair_lens) > cutoff_len, "the case must include a KL pair cut at cutoff_len"
     for grad in (True, False):
         with torch.set_grad_enabled(grad):
-            cache = examples.prompt_cache(indices, hidden_model)
+            batch = examples.targets(indices)
+            cache = examples.prompt_cache(indices, hidden_model, batch)
             assert cache is not None
-            targets = sequence_logps(hidden_model, head, examples.targets(indices), "cpu", cache)[0]
+            targets = sequence_logps(hidden_model, head, batch, "cpu", cache)[0]
             cache.extend()
             kl = sequence_logps(hidden_model, head, examples.kl_continuations(indices), "cpu", cache)[0]
         assert torch.allclose(targets, expected_targets, atol=1e-5, rtol=0)

@@ -10,8 +10,10 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from prospect.cli import main
+from prospect.data.example import Example, Message, fold_conversations
 from prospect.data.formats import load_examples
 from prospect.data.registry import resolve_datasets
 from test_train import adapter_weights, make_config, max_difference, run
@@ -84,25 +86,123 @@ def test_rated_turns_are_the_separate_records(tmp_path, seed):
         assert a.origin.split(" turn ")[0].startswith(str(tmp_path / "turns" / "data.jsonl#"))
 
 
-def test_training_on_rated_turns_equals_training_on_the_separate_records(tmp_path, tiny_model_dir):
-    records = random_conversations(7, 12)
+@pytest.mark.parametrize("seed", range(40))
+def test_folding_the_separate_records_gives_back_the_conversations(tmp_path, seed):
+    """Feedback arrives as one record per rated reply; folded, they are the conversations they came from."""
+    records = random_conversations(seed, 30)
+    separate = as_separate_records(records)
+    rng = random.Random(seed)
+    duplicates = rng.sample(range(len(separate)), 3)  # a reply rated twice stays a record of its own
+    separate += [separate[k] for k in duplicates]
     write_dataset(tmp_path / "turns", records)
-    write_dataset(tmp_path / "separate", as_separate_records(records))
-    runs = {}
+    write_dataset(tmp_path / "separate", separate)
+    [spec] = resolve_datasets(str(tmp_path / "separate"), ["rated"])
+    examples, _ = load_examples(spec, str(tmp_path / "separate"), stage="kto")
+    folded, num_folded = fold_conversations(examples)
+    assert num_folded == len(separate) - len(records) - len(duplicates)
+    key = lambda turn: ([(m.role, m.content) for m in turn.messages], turn.label)  # noqa: E731
+    ours = [key(turn) for example in folded for turn in example.rated_turns()]
+    expected = [key(turn) for turn in kto_examples(tmp_path / "turns")] + [
+        key(Example([Message(m["role"], m["content"]) for m in separate[k]["messages"]], label=separate[k]["label"]))
+        for k in duplicates]
+    assert ours == expected
+
+
+def training_lines(config) -> list[dict]:
+    return [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("micro_batch_size", [None, 4])  # one micro-batch (prompt cache) / accumulation (KL pairs)
+def test_rated_turns_in_one_forward_equal_the_separate_records(tmp_path, tiny_model_dir, monkeypatch,
+                                                               micro_batch_size):
+    """The oracle: the turns written as separate records, read and trained by the path that existed before
+    (each example a sequence of its own: folding off). Each optimizer step holds every example, so the
+    two runs' steps see the same examples whatever their order; the rated turns' run computes each
+    conversation once."""
+    import prospect.data.pipeline
+
+    records = random_conversations(7, 12)
+    separate = as_separate_records(records)
+    write_dataset(tmp_path / "turns", records)
+    write_dataset(tmp_path / "separate", separate)
+    runs, results = {}, {}
     for name in ("turns", "separate"):
+        if name == "separate":
+            monkeypatch.setattr(prospect.data.pipeline, "fold_conversations", lambda examples: (examples, 0))
+        batch = micro_batch_size or len(separate)
         runs[name] = make_config(tmp_path / f"run-{name}", tiny_model_dir, stage="kto", dataset="rated",
-                                 dataset_dir=str(tmp_path / name), max_samples=None, max_steps=4,
-                                 per_device_train_batch_size=4)
-        results = run(runs[name])
-        assert results["num_examples"] == len(as_separate_records(records))
-    lines = {name: [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
-             for name, config in runs.items()}
-    for key in ("loss", "rewards/chosen", "rewards/rejected", "kl"):
+                                 dataset_dir=str(tmp_path / name), max_samples=None, max_steps=3,
+                                 per_device_train_batch_size=batch, logging_steps=1,
+                                 gradient_accumulation_steps=-(-len(separate) // batch), learning_rate=5e-3)
+        results[name] = run(runs[name])
+        assert results[name]["num_examples"] == len(separate)
+    lines = {name: training_lines(config) for name, config in runs.items()}
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "kl", "logps/chosen", "logps/rejected"):
         ours, oracle = ([line.get(key) for line in lines[name]] for name in ("turns", "separate"))
-        assert any(value is not None for value in ours), key
-        assert [v is None for v in ours] == [v is None for v in oracle], key
-        assert [v for v in ours if v is not None] == pytest.approx([v for v in oracle if v is not None], abs=1e-5), key
+        assert all(value is not None for value in ours), key
+        assert ours == pytest.approx(oracle, abs=1e-5), key
+    assert lines["turns"][-1]["loss"] != pytest.approx(lines["turns"][0]["loss"], abs=1e-3), "the runs must train"
     assert max_difference(adapter_weights(runs["turns"].output_dir), adapter_weights(runs["separate"].output_dir)) < 1e-5
+    # the saving: the rated turns' run computes every conversation once, not once per rated turn
+    conversation_tokens, prefix_tokens = (results[name]["num_tokens"] for name in ("turns", "separate"))
+    assert conversation_tokens < 0.8 * prefix_tokens, (conversation_tokens, prefix_tokens)
+
+
+def test_a_conversations_rated_turns_share_one_sequence(tmp_path, tiny_model_dir):
+    """Packed log-probs of rated turns sharing their conversation's sequence equal those of each turn packed
+    on its own (the forward and the prompt cache of the KL pass), for 60 seeded batches."""
+    from transformers import AutoTokenizer
+
+    from prospect.batching import Examples
+    from prospect.data.pipeline import prepare_data
+    from prospect.forward import HiddenStates, sequence_logps
+    from prospect.model import load_trainable_model
+    from prospect.packing import pack, register_packed_attention
+
+    records = random_conversations(5, 40)
+    write_dataset(tmp_path / "data", records)
+    config = make_config(tmp_path, tiny_model_dir, stage="kto", dataset="rated", dataset_dir=str(tmp_path / "data"),
+                         max_samples=None)
+    data = prepare_data(config, AutoTokenizer.from_pretrained(str(tiny_model_dir)))
+    examples = Examples(data.train, stage="kto", cutoff_len=config.cutoff_len, seed=0)
+    register_packed_attention()
+    model = load_trainable_model(config, device=torch.device("cpu"), attn_implementation="prospect_packed")
+    hidden_model = HiddenStates(model).eval()
+    head = hidden_model.causal_lm().get_output_embeddings()
+    rng = random.Random(0)
+    shared_some = 0
+    for _ in range(60):
+        start = rng.randrange(len(examples) - 8)
+        indices = list(range(start, start + rng.randint(2, 8)))
+        rng.shuffle(indices)
+        rows = examples.dataset[indices]
+        alone = pack(list(zip(rows["input_ids"], rows["labels"])))
+        shared = examples.targets(indices)
+        conversations = {examples.conversations[i] for i in indices}
+        assert shared.cu_seq_lens.numel() - 1 == len(conversations), "each conversation is one sequence"
+        shared_some += shared.num_tokens < alone.num_tokens
+        assert shared.num_trained_tokens == alone.num_trained_tokens
+        with torch.no_grad():
+            expected = sequence_logps(hidden_model, head, alone, "cpu")[0]
+            cache = examples.prompt_cache(indices, hidden_model, shared)
+            got = sequence_logps(hidden_model, head, shared, "cpu", cache)[0]
+            cache.extend()
+            kl = sequence_logps(hidden_model, head, examples.kl_continuations(indices), "cpu", cache)[0]
+            expected_kl = sequence_logps(hidden_model, head, examples.kl_pairs(indices), "cpu")[0]
+        # sums of ~100 in float32, added in another order: 1e-5 plus an ulp or two
+        assert torch.allclose(got, expected, atol=1e-5, rtol=2e-7), (got, expected)
+        assert torch.allclose(kl, expected_kl, atol=1e-4, rtol=0), (kl, expected_kl)
+    assert shared_some >= 40, "most batches must hold several rated turns of one conversation"
+
+
+def data_check(tmp_path, tiny_model_dir, records: list[dict], capsys) -> str:
+    """What `prospect data check` prints for a KTO run on `records`."""
+    write_dataset(tmp_path / "data", records)
+    config = tmp_path / "run.yaml"
+    config.write_text(make_config(tmp_path, tiny_model_dir, stage="kto", dataset="rated",
+                                  dataset_dir=str(tmp_path / "data")).to_yaml())
+    assert main(["data", "check", str(config)]) == 0
+    return capsys.readouterr().out
 
 
 def test_data_check_counts_rated_turns_per_conversation(tmp_path, capsys, tiny_model_dir):
@@ -114,12 +214,7 @@ def test_data_check_counts_rated_turns_per_conversation(tmp_path, capsys, tiny_m
                       {"role": "user", "content": "c"}, {"role": "assistant", "content": "d", "label": True},
                       {"role": "user", "content": "e"}, {"role": "assistant", "content": "f"}], "label": False},
     ]
-    write_dataset(tmp_path / "data", records)
-    config = tmp_path / "run.yaml"
-    config.write_text(make_config(tmp_path, tiny_model_dir, stage="kto", dataset="rated",
-                                  dataset_dir=str(tmp_path / "data")).to_yaml())
-    assert main(["data", "check", str(config)]) == 0
-    out = capsys.readouterr().out
+    out = data_check(tmp_path, tiny_model_dir, records, capsys)
     assert "rated turns    6 (rated turns per conversation: 1 in 1, 2 in 1, 3 in 1 conversations)" in out, out
     assert "labels         4 desirable, 2 undesirable" in out, out
 
@@ -139,3 +234,34 @@ def test_val_size_holds_out_whole_conversations(tmp_path, tiny_model_dir):
     total = len(data.train) + len(data.eval)
     assert not train & held_out and train | held_out == {f"{tmp_path / 'data' / 'data.jsonl'}#{i}" for i in range(60)}
     assert 0.2 * total <= len(data.eval) <= 0.2 * total + 5, (len(data.eval), total)
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_the_data_order_keeps_a_conversations_turns_together(seed):
+    """Conversations are shuffled whole; with every example alone the order is the one runs had before."""
+    from prospect.batching import Schedule, epoch_order
+
+    rng = random.Random(seed)
+    sizes = tuple(rng.choice([1, 1, 1, 2, 3, 5]) for _ in range(rng.randint(1, 60)))
+    n = sum(sizes)
+    order = epoch_order(Schedule(n, 4, 1, 1, 1, 1, sizes), seed, epoch=seed % 3)
+    assert sorted(order) == list(range(n))
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    for start, size in zip(starts, sizes):
+        at = order.index(start)
+        assert order[at : at + size] == list(range(start, start + size)), "a conversation's turns, in order, together"
+    alone = list(range(n))
+    random.Random(f"{seed}-{seed % 3}").shuffle(alone)
+    assert epoch_order(Schedule(n, 4, 1, 1, 1, 1), seed, seed % 3) == alone
+
+
+def test_feedback_on_two_replies_of_a_conversation_is_one_conversation_rated_twice(tmp_path, capsys, tiny_model_dir):
+    """What `prospect serve` writes for two rated replies of one chat: two records, folded into one."""
+    first = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello.", "label": True}]
+    second = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."},
+              {"role": "user", "content": "and?"}, {"role": "assistant", "content": "Well, well.", "label": False}]
+    other = [{"role": "user", "content": "hey"}, {"role": "assistant", "content": "Hi.", "label": True}]
+    out = data_check(tmp_path, tiny_model_dir, [{"messages": first}, {"messages": other}, {"messages": second}], capsys)
+    assert "rated turns    3 (rated turns per conversation: 1 in 1, 2 in 1 conversations)" in out, out
+    assert "folded         1 records rate a turn of another record's conversation" in out, out
+    assert "labels         2 desirable, 1 undesirable" in out, out

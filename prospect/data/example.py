@@ -71,3 +71,51 @@ class Example:
                     f"{self.origin} turn {i}", self.dataset)
             for i, label in sorted(labels.items())
         ]
+
+
+def conversation_of(origin: str) -> str:
+    """The record a rated turn's example comes from: "file#i" of "file#i turn k"."""
+    record, _, turn = origin.rpartition(" turn ")
+    return record if record and turn.isdigit() else origin
+
+
+def fold_conversations(examples: list[Example]) -> tuple[list[Example], int]:
+    """KTO records that rate a turn of another record's conversation, folded into that record as the
+    turn's label. Returns (the examples left, how many were folded).
+
+    A record whose tools and messages are the start of a longer record's, up to its rated last turn,
+    is that conversation rated at that turn: `prospect serve` writes feedback so, one record per rated
+    reply. Folded, the conversation's rated turns are one record, trained in one forward pass (its
+    examples are the same: `rated_turns`). A turn the longer record already rates (a second rating of
+    the same reply) stays a record of its own, as does a record that rates more than its last turn."""
+    import hashlib
+
+    def prefix_digests(example: Example):  # (message index, digest of tools + messages up to it), assistant turns
+        h = hashlib.sha256(json.dumps(example.tools, sort_keys=True).encode())
+        for i, m in enumerate(example.messages):
+            h.update(json.dumps([m.role, m.content]).encode())
+            if m.role == "assistant":
+                yield i, h.copy().digest()
+
+    rated = [any(m.label is not None for m in e.messages) or e.label is not None for e in examples]
+    longest: dict[bytes, int] = {}  # digest of a conversation's start -> the longest rated record with it
+    for k in sorted(range(len(examples)), key=lambda k: -len(examples[k].messages)):
+        if rated[k]:
+            for _, digest in prefix_digests(examples[k]):
+                longest.setdefault(digest, k)
+    folded: set[int] = set()
+    for k, example in enumerate(examples):
+        last = len(example.messages) - 1
+        label = example.messages[last].label if example.label is None else example.label
+        if label is None or any(m.label is not None for m in example.messages[:last]) or not example.messages:
+            continue
+        digests = dict(prefix_digests(example))
+        host = longest.get(digests.get(last))
+        if host is None or host == k or host in folded or len(examples[host].messages) <= last + 1:
+            continue
+        turn = examples[host].messages[last]
+        if turn.label is not None:
+            continue
+        examples[host].messages[last] = Message(turn.role, turn.content, label)
+        folded.add(k)
+    return [e for k, e in enumerate(examples) if k not in folded], len(folded)

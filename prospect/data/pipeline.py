@@ -21,7 +21,7 @@ from pathlib import Path
 
 from prospect.config import RunConfig
 from prospect.data.encode import DroppedExample, EncodedExample, encode_example
-from prospect.data.example import Example
+from prospect.data.example import Example, conversation_of, fold_conversations
 from prospect.data.formats import load_examples
 from prospect.data.registry import DatasetSpec, resolve_datasets
 from prospect.data.templates import get_template
@@ -29,7 +29,7 @@ from prospect.errors import UserError
 from prospect.model import cache_root
 
 # Bump when the encoded columns or the encoding rules change, so old caches are not reused.
-CACHE_VERSION = 3  # 3: KTO examples are rated turns (Example.rated_turns)
+CACHE_VERSION = 4  # 3: KTO examples are rated turns (Example.rated_turns); 4: records folded into conversations
 
 
 @dataclass
@@ -51,6 +51,7 @@ class DatasetReport:
     num_completions_cut: int = 0  # ... or the end of the completion
     num_trained_tokens: int = 0
     rated_turns: dict[str, int] = field(default_factory=dict)  # KTO: rated turns per record -> records
+    num_folded: int = 0  # KTO: records that rate a turn of another record's conversation, trained as its turn
 
 
 @dataclass
@@ -93,7 +94,7 @@ def _split_off(train, num_eval: int, seed: int):
     """(train, eval) with about `num_eval` examples held out at random. The rated turns of one
     conversation (origins "file#i turn k") stay on one side: a turn held out whose conversation's
     earlier turns were trained on would be judged on data the model has seen."""
-    conversations = [origin.split(" turn ")[0] for origin in train["origin"]]
+    conversations = [conversation_of(origin) for origin in train["origin"]]
     if len(set(conversations)) == len(conversations):
         split = train.train_test_split(test_size=num_eval, seed=seed, shuffle=True)
         return split["train"], split["test"]
@@ -146,6 +147,7 @@ def _encode_dataset(config: RunConfig, spec: DatasetSpec, split: str, template, 
     if not examples:
         raise UserError(f"{spec.describe()}: no usable record (after on_bad_record and max_samples).")
     if config.stage == "kto":  # one example per rated turn (most records rate their last turn only)
+        examples, report.num_folded = fold_conversations(examples)
         per_record = [example.rated_turns() for example in examples]
         for turns in per_record:
             report.rated_turns[str(len(turns))] = report.rated_turns.get(str(len(turns)), 0) + 1

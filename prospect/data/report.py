@@ -73,6 +73,9 @@ def print_check(config: RunConfig, data, out=None) -> None:
             per = ", ".join(f"{n} in {r.rated_turns[n]}" for n in sorted(r.rated_turns, key=int))
             p(f"  rated turns    {sum(int(n) * k for n, k in r.rated_turns.items())} "
               f"(rated turns per conversation: {per} conversations)")
+        if r.num_folded:
+            p(f"  folded         {r.num_folded} records rate a turn of another record's conversation: trained as "
+              "that conversation's rated turns, in one forward pass with it")
         lengths = sorted(r.token_lengths)
         p(f"  tokens/example p50 {_percentile(lengths, 50)}, p90 {_percentile(lengths, 90)}, "
           f"p99 {_percentile(lengths, 99)}, max {lengths[-1] if lengths else 0}")

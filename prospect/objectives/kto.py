@@ -94,8 +94,8 @@ class KTO:
         first_forward, cache = None, None  # (batch, policy log-probs) of the only micro-batch
         if len(micro_batches) == 1:  # true on every rank or on none: each rank's DDP forward comes first
             chunk, weight = micro_batches[0]
-            cache = examples.prompt_cache(chunk, hidden_model) if weight > 0 else None
             batch = examples.targets(chunk)
+            cache = examples.prompt_cache(chunk, hidden_model, batch) if weight > 0 else None
             first_forward = batch, sequence_logps(hidden_model, head, batch, device, cache)[0]
         with torch.no_grad():
             if cache is not None:
