@@ -9,6 +9,7 @@
     # then, while the machine is warm (carry [".gpu/ray"]; .gpu/site and .gpu/work stay there):
     python3 -m pip install -q --no-index --no-deps --no-compile --target .gpu/site .gpu/ray/*.whl &&
       PYTHONPATH=.gpu/site:. PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py ray --out $OUT
+    PYTHONPATH=.gpu/site:. PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py shard --out $OUT
     python benchmarks/gpu_check.py run --tiny     # here, on CPU, a 2-layer model: checks the script
 
 The model has Qwen2.5-0.5B's widths (hidden 896, 14 query / 2 key-value heads, MLP 4864, tied embeddings)
@@ -27,6 +28,8 @@ run at the same time):
                       one, `prospect_varlen`) against bf16 LoRA with SDPA per sequence; on CPU,
                       `prospect train ... flash_attn=fa2` must exit 2 naming the reason.
   ray-1gpu            (`ray`) the bf16-kto run through Ray Train with one GPU worker: the same losses.
+  fsdp-offload        (`shard`) the bf16-kto run with fsdp: full_shard offload (FSDP2 on one process, the
+                      shards in CPU memory): losses within 0.01 of bf16-kto's, and both peak GPU memories.
 Then `run` ends with bench_gpu.py's throughput table (prospect-kto, trl-kto-fastest, prospect-sft on the
 Llama-3-8B shape, fewer steps than its default), as long as the time budget allows.
 """
@@ -393,13 +396,39 @@ def run_ray(args) -> None:
     (out / "gpu_check_ray.txt").write_text(line + "\n")
 
 
+def run_shard(args) -> None:
+    """fsdp-offload: the bf16-kto run of `run` again with `fsdp: full_shard offload` (FSDP2, one process: the
+    shards in CPU memory, gathered layer by layer onto the GPU): the same losses, less GPU memory."""
+    workdir = Path(args.workdir) if args.workdir else WORK
+    out = Path(args.out) if args.out else workdir
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    previous = json.loads((workdir / "gpu.result.json").read_text()).get("bf16-kto", {})
+    spec = dict(model_dir=str(workdir / "model"), data_dir=str(Path(args.assets) / "data"), workdir=str(workdir))
+    try:
+        result = train_once(spec, "fsdp-offload", stage="kto", bf16=True, fsdp="full_shard offload")
+        ok, worst = close(result["losses"], previous.get("losses", []), absolute=0.01)
+        line = (f"{'PASS' if ok else 'FAIL':<20} fsdp-offload losses {result['losses']} vs bf16-kto "
+                f"{previous.get('losses')} (worst {worst:.2e}); peak GPU memory "
+                f"{result['peak_memory_bytes'] / 2**30:.2f} GiB vs {previous.get('peak_memory_bytes', 0) / 2**30:.2f} "
+                f"GiB without sharding; {result['seconds']:.1f} s vs {previous.get('seconds', 0):.1f} s")
+    except Exception as err:
+        from prospect.errors import UserError
+
+        refusal = isinstance(err, UserError) and "offload" in str(err) and not torch.cuda.is_available()
+        line = f"{'SKIP (PASS refusal)' if refusal else 'FAIL':<20} fsdp-offload {type(err).__name__}: {str(err)[:400]}"
+    print(line, flush=True)
+    (out / "gpu_check_shard.txt").write_text(line + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("prepare", help="here, with PyPI: write .gpu/ for the device calls")
-    for name in ("run", "ray"):
+    for name in ("run", "ray", "shard"):
         command = sub.add_parser(name, help="the checks (on the GPU machine; --tiny: on CPU)" if name == "run"
-                                 else "the Ray check, after `run` on the same machine")
+                                 else f"the {name} check, after `run` on the same machine")
         command.add_argument("--tiny", action="store_true", help="a 2-layer model on CPU: checks the script")
         command.add_argument("--assets", default=str(ASSETS))
         command.add_argument("--workdir", default=None)
@@ -416,6 +445,8 @@ def main() -> None:
         child(args.spec)
     elif args.command == "ray":
         run_ray(args)
+    elif args.command == "shard":
+        run_shard(args)
     else:
         run_all(args)
 

@@ -210,3 +210,9 @@ class Examples:
 
 def batches_of(indices: list[int], size: int) -> list[list[int]]:
     return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
+def rank_share(count: int, rank: int, world: int) -> range:
+    """This rank's consecutive share of `count` items (evaluation, the reference pass): consecutive, so
+    the rated turns of one conversation, next to each other, share a forward pass."""
+    return range(rank * count // world, (rank + 1) * count // world)

@@ -175,14 +175,16 @@ def write_rng_state(folder: Path, rank: int) -> None:
     torch.save(rng_states(), folder / f"rng_state_{rank}.pt")
 
 
-def write_main_files(folder: Path, *, model, optimizer, scheduler, state: dict) -> None:
+def write_main_files(folder: Path, *, model, optimizer, scheduler, state: dict, weights: dict | None = None,
+                     optimizer_state: dict | None = None) -> None:
     """Weights, optimizer, scheduler and the trainer state (main process only); the state file is
-    written last so its presence means everything else is there."""
+    written last so its presence means everything else is there. A sharded run passes its gathered
+    `weights` and name-keyed `optimizer_state` (`sharding.gather_state`)."""
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder))
-    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    model.save_pretrained(str(folder), state_dict=weights)
+    torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, folder / "optimizer.pt")
     torch.save(scheduler.state_dict(), folder / "scheduler.pt")
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
     (folder / STATE_FILE).write_text(json.dumps({**state, "files": files}, indent=1))
@@ -211,23 +213,53 @@ def read_state(folder: Path) -> dict:
     return json.loads((Path(folder) / STATE_FILE).read_text())
 
 
-def load_checkpoint(folder: Path, *, model, optimizer, scheduler, rank: int, lora: bool) -> None:
-    """Restore weights, optimizer, scheduler and this rank's RNG states."""
-    if lora:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
+def load_checkpoint(folder: Path, *, model, optimizer, scheduler, rank: int, lora: bool, sharded: bool = False) -> None:
+    """Restore weights, optimizer, scheduler and this rank's RNG states.
 
-        set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+    The optimizer state is keyed by parameter number (written by an unsharded run) or by parameter
+    name (a sharded run's, `sharding.gather_state`); a checkpoint of either kind resumes sharded or
+    not, on any number of processes (the global batch size must stay the same)."""
+    from prospect import sharding
+
+    optimizer_state = load_state(folder / "optimizer.pt")
+    by_name = any(isinstance(key, str) for key in optimizer_state.get("state", {}))
+    if not sharded and not by_name:
+        if lora:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+        else:
+            _load_full_weights(model, folder)
+        optimizer.load_state_dict(optimizer_state)
+    elif sharded and rank != 0:  # the main process's files are broadcast and sliced onto every process
+        sharding.load_state(model, optimizer, {}, {}, sharded=True)
     else:
-        _load_full_weights(model, folder)
-    optimizer.load_state_dict(load_state(folder / "optimizer.pt"))
+        names = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+        if not by_name:  # numbered in the order of the trainable parameters, as the optimizer was given them
+            optimizer_state = sharding.state_by_name(optimizer_state, names)
+        weights = _adapter_by_name(model, folder, names) if lora else _load_full_weights(None, folder)
+        sharding.load_state(model, optimizer, weights, optimizer_state, sharded=sharded)
     scheduler.load_state_dict(load_state(folder / "scheduler.pt"))
     rng_file = folder / f"rng_state_{rank}.pt"
     if rng_file.is_file():
         set_rng_states(load_state(rng_file))
 
 
-def _load_full_weights(model, folder: Path) -> None:
+def _adapter_by_name(model, folder: Path, names: list[str]) -> dict:
+    """The adapter file's tensors under the model's parameter names (the file leaves out the adapter's name)."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    adapter = f".{model.active_adapter}."
+    missing = [name for name in names if name.replace(adapter, ".") not in saved]
+    if missing:
+        raise UserError(f"{folder}: the checkpoint's adapter does not match the model (missing {missing[:3]}).")
+    return {name: saved[name.replace(adapter, ".")] for name in names}
+
+
+def _load_full_weights(model, folder: Path) -> dict | None:
+    """Load a full checkpoint's weights into `model`; without a model, return them."""
     from safetensors.torch import load_file
 
     index = folder / "model.safetensors.index.json"
@@ -235,6 +267,8 @@ def _load_full_weights(model, folder: Path) -> None:
     weights = {}
     for name in files:
         weights.update(load_file(str(folder / name)))
+    if model is None:
+        return weights
     missing, unexpected = model.load_state_dict(weights, strict=False)
     # Tied output embeddings are saved once; anything else missing means a different model.
     missing = [k for k in missing if "lm_head" not in k]

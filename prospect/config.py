@@ -92,9 +92,11 @@ class RunConfig:
         1.0, "KTO λ_U: weight of undesirable examples (stage kto only).", min=0.0, exclusive_min=True
     )
     deepspeed: str | None = _f(
-        None, "DeepSpeed JSON config: sharded training is not built yet, so prospect train stops with exit 2; "
-        "remove the key to train with DDP.",
-    )
+        None, "DeepSpeed JSON config: DeepSpeed is not built in yet, so prospect train stops with exit 2; shard "
+        "with fsdp: full_shard (the same ZeRO-3 scheme, PyTorch's FSDP2).")
+    fsdp: str | None = _f(None, "Shard the model over the processes with PyTorch FSDP2 (HF Trainer's spelling): "
+                          "full_shard (weights, gradients, optimizer state) or shard_grad_op (not weights), + offload "
+                          "(CUDA); unset = DDP.")
 
     # --- dataset ---------------------------------------------------------------------------
     dataset: list[str] = _f([], "Datasets to train on: names in dataset_info.json or file paths (comma list).")
@@ -221,6 +223,12 @@ class RunConfig:
         if self.quantization_bit != 4 and (self.quantization_type != "nf4" or not self.double_quantization):
             raise UserError("quantization_type and double_quantization apply to quantization_bit: 4: set it, or remove "
                             "them.")
+        options = (self.fsdp or "").replace(",", " ").split()
+        if set(options) - {"full_shard", "shard_grad_op", "offload", "auto_wrap"} or (
+                options and len({"full_shard", "shard_grad_op"} & set(options)) != 1):
+            raise UserError(f"fsdp: {self.fsdp!r} is not allowed: full_shard (weights, gradients and optimizer state "
+                            "sharded) or shard_grad_op (gradients and optimizer state), optionally with offload "
+                            "(CUDA) and auto_wrap (what prospect always does: a group per decoder layer).")
         # dataset
         if self.val_size >= 1 and self.val_size != int(self.val_size):
             raise UserError(
@@ -271,14 +279,6 @@ class RunConfig:
                 raise UserError(f"report_to: {tracker!r} is not allowed: use none, mlflow, tensorboard or wandb "
                                 "(comma list).")
         return self
-
-    def refuse_unbuilt(self) -> None:
-        """Keys of features not built yet (sharded training): refused on every machine, by
-        `prospect train` before anything starts, rather than accepted and ignored."""
-        if self.deepspeed:
-            raise UserError(f"deepspeed: {self.deepspeed}: sharded training is not built yet. Remove the key: LoRA "
-                            "trains with one GPU per worker under DDP (Ray or torchrun), and QLoRA "
-                            "(quantization_bit: 4) fits a model that does not fit one GPU in 16 bits.")
 
     @property
     def uses_ray(self) -> bool:
@@ -397,6 +397,8 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:
     origin = typing.get_origin(base)
     if origin is Literal:
         choices = typing.get_args(base)
+        if isinstance(value, bool) and ("yes" if value else "no") in choices:  # YAML 1.1 reads `no` as false
+            return "yes" if value else "no"
         for choice in choices:
             if isinstance(value, str) and value.lower() == str(choice).lower():
                 return choice

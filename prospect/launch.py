@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prospect.config import RunConfig
 from prospect.errors import UserError
+from prospect.sharding import refuse_deepspeed
 
 def launch(config: RunConfig) -> dict:
     if not config.do_train:
@@ -15,7 +16,7 @@ def launch(config: RunConfig) -> dict:
             "do_train: false: `prospect train` only trains. For held-out metrics of a trained run use "
             "`prospect eval CONFIG`; to check the data, `prospect data check CONFIG`. Remove the key to train."
         )
-    config.refuse_unbuilt()
+    refuse_deepspeed(config)
     if config.uses_ray:
         from prospect.ray_launch import launch_on_ray
 

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from prospect import checkpoints
-from prospect.batching import Examples, batches_of
+from prospect.batching import Examples, batches_of, rank_share
 from prospect.config import RunConfig, adapter_paths
-from prospect.forward import HiddenStates, sequence_logps
+from prospect.forward import sequence_logps
 from prospect.model import model_folder
+from prospect.sharding import even_batches
 
 
 @torch.no_grad()
@@ -36,18 +37,21 @@ def compute_reference_logps(examples: Examples, hidden_model, head, *, accelerat
     indices = list(range(len(examples))) if indices is None else indices
     logps = torch.zeros(len(indices), device=accelerator.device)
     kl_logps = torch.zeros(len(indices), device=accelerator.device)
-    mine = list(range(accelerator.process_index, len(indices), accelerator.num_processes))  # positions in indices
+    mine = list(rank_share(len(indices), accelerator.process_index, accelerator.num_processes))  # positions in indices
     passes = 0
-    for positions in batches_of(mine, batch_size):
+    for positions, keep in even_batches(batches_of(mine, batch_size), [0], hidden_model, accelerator):
         chunk = [indices[position] for position in positions]
         where = torch.tensor(positions, device=accelerator.device)
         batch = examples.targets(chunk)
         cache = examples.prompt_cache(chunk, hidden_model, batch)  # the KL pass reuses the targets' prompts
-        logps[where] = sequence_logps(hidden_model, head, batch, accelerator.device, cache)[0]
+        target_logps = sequence_logps(hidden_model, head, batch, accelerator.device, cache)[0]
         if cache is not None:
             cache.extend()
         kl_batch = examples.kl_pairs(chunk) if cache is None else examples.kl_continuations(chunk)
-        kl_logps[where] = sequence_logps(hidden_model, head, kl_batch, accelerator.device, cache)[0]
+        pair_logps = sequence_logps(hidden_model, head, kl_batch, accelerator.device, cache)[0]
+        if not keep:  # a sharded model's filler forward (every rank runs as many): dropped
+            continue
+        logps[where], kl_logps[where] = target_logps, pair_logps
         passes += 2
         if progress is not None:
             progress.update(1)
@@ -133,7 +137,7 @@ def load_or_compute_reference(config, splits: dict[str, tuple[Examples, list[int
     batch_size, world, rank = config.per_device_eval_batch_size, accelerator.num_processes, accelerator.process_index
     rounds = [(name, batch) for name, missing in todo.items()
               for batch in batches_of(missing, world * batch_size * REFERENCE_SAVE_EVERY)]
-    my_batches = sum(math.ceil(len(range(rank, len(indices), world)) / batch_size) for _, indices in rounds)
+    my_batches = sum(math.ceil(len(rank_share(len(indices), rank, world)) / batch_size) for _, indices in rounds)
     progress = tqdm(total=my_batches, desc="reference log-probs", disable=not accelerator.is_main_process,
                     leave=False, dynamic_ncols=True)
     passes = 0
@@ -206,10 +210,10 @@ def reference_model(hidden_model, frozen_reference, accelerator):
         policy.eval()
         try:
             if frozen_reference is not None:
-                # The copy was taken before `accelerator.prepare`, which puts the policy's forward (not its
-                # head) under autocast; the copy's forward gets the same, or a bf16 run's reference would
-                # differ from the policy at step 0.
-                frozen = HiddenStates(frozen_reference)
+                # The copy (a HiddenStates) was taken before `accelerator.prepare`, which puts the policy's
+                # forward (not its head) under autocast; the copy's forward gets the same, or a bf16 run's
+                # reference would differ from the policy at step 0.
+                frozen = frozen_reference
                 frozen.forward = accelerator.autocast()(frozen.forward)
                 yield frozen, frozen.causal_lm().get_output_embeddings()
             else:

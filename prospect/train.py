@@ -51,6 +51,7 @@ from prospect.model import check_gpu_keys, load_tokenizer, load_trainable_model
 from prospect.objectives import objective_for
 from prospect.packing import packed_attention_implementation
 from prospect.reference import reference_model
+from prospect.sharding import check_sharding, gather_state, held_parameters, shard
 
 # What the loop adds to an objective's sums at every optimizer step.
 LOOP_SUM_KEYS = ("grad_norm", "steps", "seconds", "tokens", "trained_tokens")
@@ -74,7 +75,6 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
 
     if config.fp16 and not torch.cuda.is_available():
         raise UserError("fp16: true needs a CUDA GPU; on CPU train in float32 (bf16: false) or bf16: true.")
-    config.refuse_unbuilt()
     # Accelerate keeps its settings in a process-wide singleton; a new run (a test, a restarted Ray
     # worker) must not inherit the last run's mixed precision.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -86,6 +86,7 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
     main = accelerator.is_main_process
     say = print if main else (lambda *a, **k: None)
     check_gpu_keys(config, accelerator.device)  # before anything is written or loaded
+    check_sharding(config, accelerator.device, accelerator.num_processes)
     attention = packed_attention_implementation(config.flash_attn, accelerator.device,
                                                 sixteen_bit=config.bf16 or config.fp16)
     output_dir = Path(config.output_dir)
@@ -115,9 +116,14 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
     lora = config.finetuning_type == "lora"
     frozen_reference = None
     if objective.uses_reference_model and not lora:
-        frozen_reference = copy.deepcopy(model).eval().requires_grad_(False)
+        frozen_reference = HiddenStates(copy.deepcopy(model).eval().requires_grad_(False))
     hidden_model = HiddenStates(model)
     head = hidden_model.causal_lm().get_output_embeddings()
+    sharded = bool(config.fsdp)
+    if sharded:  # in place, before the optimizer sees the parameters (they become sharded DTensors)
+        shard(hidden_model, config)
+        if frozen_reference is not None:
+            shard(frozen_reference, config)
     if config.torch_compile and config.gradient_checkpointing:
         # Checkpointing runs its function with dynamo off, and a compiled checkpointed layer falls
         # back to eager at the graph break of packed attention: the flag would do nothing.
@@ -135,11 +141,16 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
     warmup = config.warmup_steps if config.warmup_steps > 0 else math.ceil(config.warmup_ratio * schedule.total_steps)
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                               num_training_steps=schedule.total_steps)
-    hidden_model, optimizer = accelerator.prepare(hidden_model, optimizer)
+    if sharded:  # Accelerate's own FSDP2 needs CUDA: it gives the sharded model autocast, and no DDP
+        hidden_model, optimizer = accelerator.prepare_model(hidden_model, evaluation_mode=True), accelerator.prepare(optimizer)
+    else:
+        hidden_model, optimizer = accelerator.prepare(hidden_model, optimizer)
     say(f"{len(train_set)} examples ({int(train_set.num_tokens.sum()):,} tokens), {schedule.total_steps} steps of "
         f"{schedule.global_batch_size} examples "
         f"({schedule.micro_batch_size} × {schedule.accumulation_steps} accumulation × {schedule.world_size} "
-        f"processes), {sum(p.numel() for p in trainable):,} trainable parameters, attention {attention}")
+        f"processes), {sum(p.numel() for p in trainable):,} trainable parameters, attention {attention}"
+        + (f", sharded by FSDP2 ({config.fsdp}): this process holds {held_parameters(hidden_model):,} of "
+           f"{sum(p.numel() for p in model.parameters()):,} weights" if sharded else ""))
 
     # --- resume ----------------------------------------------------------------------------------
     start_step = 0
@@ -152,7 +163,7 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
         state = checkpoints.read_state(resume_from)
         _check_resumable(state, schedule, config, resume_from, data_fingerprint, objective.fingerprint_note)
         checkpoints.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
-                                    rank=accelerator.process_index, lora=lora)
+                                    rank=accelerator.process_index, lora=lora, sharded=sharded)
         start_step = state["step"]
         say(f"resumed from {resume_from} at step {start_step}")
     elif config.resume_from_checkpoint:
@@ -242,10 +253,14 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
             "reference_forward_passes": reference_passes,
             "reference_seconds": reference_seconds,
             "peak_memory_bytes": _peak_memory_bytes(accelerator.device),
+            "peak_memory_bytes_per_process": [int(peak) for peak in accelerator.gather(
+                torch.tensor([_peak_memory_bytes(accelerator.device)], device=accelerator.device)).tolist()],
             "world_size": accelerator.num_processes,
+            "parameters_per_process": held_parameters(hidden_model),  # sharded: this process's slices
         }
+        weights = gather_state(model, optimizer, lora=lora, with_optimizer=False)[0] if sharded else None
         if main:
-            accelerator.unwrap_model(hidden_model).model.save_pretrained(str(output_dir))
+            model.save_pretrained(str(output_dir), state_dict=weights)
             tokenizer.save_pretrained(str(output_dir))
             tracker.finish(results)  # writes train_results.json and the plots
             say(f"saved to {output_dir}: {results['num_steps']} steps, "
@@ -279,8 +294,12 @@ def _save_checkpoint(config, output_dir: Path, step: int, schedule: Schedule, mo
         "total_steps": schedule.total_steps,
         "stage": config.stage,
     }
+    # Sharded: the full weights and optimizer state, gathered from every process (a collective)
+    weights, optimizer_state = gather_state(model, optimizer, lora=config.finetuning_type == "lora") if config.fsdp \
+        else (None, None)
     if accelerator.is_main_process:
-        checkpoints.write_main_files(folder, model=model, optimizer=optimizer, scheduler=scheduler, state=state)
+        checkpoints.write_main_files(folder, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
+                                     weights=weights, optimizer_state=optimizer_state)
     accelerator.wait_for_everyone()
     checkpoints.write_rng_state(folder, accelerator.process_index)
     accelerator.wait_for_everyone()

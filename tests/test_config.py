@@ -157,3 +157,13 @@ def test_train_sets_the_allocator_before_torch_is_imported(preset, expected):
         env["THP_MEM_ALLOC_ENABLE"] = preset
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT, env=env)
     assert out.stdout.split() == ["False", expected]
+
+
+def test_yaml_no_is_the_choice_no(tmp_path):
+    """YAML 1.1 reads an unquoted `no` as false: `eval_strategy: no` (HF Trainer's value) must still mean no."""
+    from prospect.config import load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("eval_strategy: no\n")
+    assert load_config(str(path)).eval_strategy == "no"
+    assert load_config(None, ["eval_strategy=no"]).eval_strategy == "no"

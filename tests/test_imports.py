@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "prospect"
 LAYERS = [
     {"prospect", "prospect.errors", "prospect.allocator", "prospect.losses", "prospect.kernels", "prospect.data",
      "prospect.data.example"},
+    {"prospect.sharding"},
     {"prospect.config", "prospect.checkpoints", "prospect.tracking", "prospect.data.registry", "prospect.data.tool_calls"},
     {"prospect.data.templates", "prospect.data.files", "prospect.data.records"},
     {"prospect.data.encode", "prospect.data.formats", "prospect.model"},

@@ -28,7 +28,7 @@ PATHS = {
     # read while `prospect train` runs (launch → train → data, model, tracking, checkpoints)
     "train": """model_name_or_path adapter_name_or_path trust_remote_code quantization_bit flash_attn
         enable_liger_kernel torch_compile cache_dir stage do_train finetuning_type lora_rank lora_alpha lora_dropout
-        lora_target deepspeed dataset eval_dataset dataset_dir template default_system cutoff_len max_samples
+        lora_target deepspeed fsdp dataset eval_dataset dataset_dir template default_system cutoff_len max_samples
         val_size overwrite_cache preprocessing_num_workers on_bad_record output_dir overwrite_output_dir
         logging_steps save_steps save_total_limit plot_loss report_to resume_from_checkpoint
         per_device_train_batch_size per_device_eval_batch_size gradient_accumulation_steps num_train_epochs
@@ -142,7 +142,8 @@ def run_cli(capsys, *args) -> tuple[int, str]:
     ("truncation_mode=keep_end stage=sft", r"truncation_mode: keep_end applies to stage: kto"),
     ("pref_beta=0.3 stage=sft", r"pref_beta only apply to stage: kto, but stage is sft"),
     ("train_on_prompt=true stage=kto", r"train_on_prompt only apply to stage: sft, but stage is kto"),
-    ("deepspeed=ds.json", r"deepspeed: ds.json: sharded training is not built yet. Remove the key"),
+    ("deepspeed=ds.json", r"deepspeed: ds.json: DeepSpeed is not built into prospect yet \(and it needs CUDA GPUs\)"),
+    ("fsdp=full_shard", r"fsdp: shards the model over processes, and this run has one"),
     ("fp16=true", r"fp16: true needs a CUDA GPU"),
     ("do_eval=false val_size=4 eval_steps=2", r"do_eval: false, but eval_strategy / eval_steps ask for evaluations"),
 ])

@@ -232,6 +232,22 @@ def test_two_workers_train_like_one_process_with_accumulation(sft_runs):
 
 
 @pytest.mark.slow
+def test_two_workers_sharded_by_fsdp2_train_like_one_process(sft_runs, workdir, tiny_model_dir):
+    """fsdp: full_shard under Ray: each of the 2 CPU workers holds half the weights; the same run."""
+    from prospect.ray_launch import launch_on_ray
+
+    config = run_config(workdir, tiny_model_dir, "sft-fsdp", fsdp="full_shard")
+    results = launch_on_ray(config)
+    ray_losses, local_losses = train_losses(run_folder(config)), train_losses(sft_runs["reference"])
+    assert sorted(ray_losses) == sorted(local_losses) == [1, 2, 3, 4, 5, 6]
+    for step in local_losses:
+        assert ray_losses[step] == pytest.approx(local_losses[step], abs=1e-5), step
+    assert max_difference(adapter(run_folder(config)), adapter(sft_runs["reference"])) <= 1e-5
+    assert results["world_size"] == 2
+    assert results["parameters_per_process"] < 0.55 * sft_runs["results"]["parameters_per_process"]
+
+
+@pytest.mark.slow
 def test_runtime_env_vars_from_the_yaml_reach_every_worker(sft_runs, workdir):
     records = read_records(workdir, "sft")
     assert sorted(r["rank"] for r in records) == [0, 1]

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import torch
 
-from prospect.batching import Examples, batches_of
+from prospect.batching import Examples, batches_of, rank_share
 from prospect.data.report import balance_advice, kto_balance
 from prospect.forward import Window, reduce_sums, sequence_logps, sync_unless_last
 from prospect.losses import kto_loss, kto_reference_point
 from prospect.reference import load_or_compute_reference, reference_key
+from prospect.sharding import even_batches
 
 
 class KTO:
@@ -87,27 +88,29 @@ class KTO:
         precede every backward, so it runs first, on whole KL pairs.
         """
         world, device = accelerator.num_processes, accelerator.device
-        # No-grad passes run on the module DDP wraps: a DDP forward broadcasts buffers, a collective, and
-        # ranks may run different numbers of KL passes (a rank whose micro-batch is a stand-in runs none).
+        # No-grad passes run on the module DDP wraps: a DDP forward broadcasts buffers, a collective. A
+        # sharded model's forwards are collectives too, so every micro-batch runs its KL pass, a stand-in's
+        # as well (its log-probs are dropped): every rank runs as many.
         no_grad_model = accelerator.unwrap_model(hidden_model)
-        paired = [chunk for chunk, weight in micro_batches if weight > 0]
         first_forward, cache = None, None  # (batch, policy log-probs) of the only micro-batch
         if len(micro_batches) == 1:  # true on every rank or on none: each rank's DDP forward comes first
-            chunk, weight = micro_batches[0]
+            chunk, _ = micro_batches[0]
             batch = examples.targets(chunk)
-            cache = examples.prompt_cache(chunk, hidden_model, batch) if weight > 0 else None
+            cache = examples.prompt_cache(chunk, hidden_model, batch)
             first_forward = batch, sequence_logps(hidden_model, head, batch, device, cache)[0]
         with torch.no_grad():
             if cache is not None:
                 cache.extend()
-                policy_kl = [sequence_logps(no_grad_model, head, examples.kl_continuations(paired[0]), device,
-                                            cache)[0].cpu()]
+                policy_kl = [sequence_logps(no_grad_model, head, examples.kl_continuations(micro_batches[0][0]),
+                                            device, cache)[0].cpu()]
                 cache.release()  # e.g. gradient checkpointing's recompute must not read it
             else:
                 policy_kl = [sequence_logps(no_grad_model, head, examples.kl_pairs(chunk), device)[0].cpu()
-                             for chunk in paired]
-            reference_kl = examples.reference_kl_logps[[i for chunk in paired for i in chunk]]
-            reference_point = global_reference_point(policy_kl, reference_kl, accelerator).to(device)
+                             for chunk, _ in micro_batches]
+            paired = [(chunk, logps) for (chunk, weight), logps in zip(micro_batches, policy_kl) if weight > 0]
+            reference_kl = examples.reference_kl_logps[[i for chunk, _ in paired for i in chunk]]
+            reference_point = global_reference_point([logps for _, logps in paired], reference_kl,
+                                                     accelerator).to(device)
 
         step_examples_count = len(indices)
         sums = dict.fromkeys(self.SUM_KEYS + ("tokens", "trained_tokens"), 0.0)
@@ -142,13 +145,15 @@ class KTO:
         the share of examples whose implied reward has their label's sign."""
         hidden_model.eval()
         model = accelerator.unwrap_model(hidden_model)  # ranks may run different numbers of forwards (see step)
-        mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
-        chunks = batches_of(mine, self.config.per_device_eval_batch_size)
+        mine = list(rank_share(len(examples), accelerator.process_index, accelerator.num_processes))
+        runs = even_batches(batches_of(mine, self.config.per_device_eval_batch_size), [0], model, accelerator)
+        chunks = [chunk for chunk, keep in runs if keep]
         window = Window(self.SUM_KEYS)
         policy_kl = [sequence_logps(model, head, examples.kl_pairs(chunk), accelerator.device)[0].cpu()
-                     for chunk in chunks]
+                     for chunk, _ in runs]
         policy_logps = [sequence_logps(model, head, examples.targets(chunk), accelerator.device)[0].cpu()
-                        for chunk in chunks]
+                        for chunk, _ in runs]
+        policy_kl, policy_logps = policy_kl[: len(chunks)], policy_logps[: len(chunks)]  # a filler's are dropped
         reference_point = global_reference_point(  # z0 over every eval KL pair
             policy_kl, examples.reference_kl_logps[mine], accelerator)
         for chunk, logps in zip(chunks, policy_logps):

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from prospect.batching import Examples, batches_of
+from prospect.batching import Examples, batches_of, rank_share
 from prospect.forward import Window, reduce_sums, sequence_logps, sync_unless_last
+from prospect.sharding import even_batches
 
 
 class SFT:
@@ -57,10 +58,12 @@ class SFT:
         """Held-out mean token NLL."""
         hidden_model.eval()
         model = accelerator.unwrap_model(hidden_model)  # ranks may run different numbers of forwards
-        mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
+        mine = list(rank_share(len(examples), accelerator.process_index, accelerator.num_processes))
         window = Window(self.SUM_KEYS)
-        for chunk in batches_of(mine, self.config.per_device_eval_batch_size):
+        for chunk, keep in even_batches(batches_of(mine, self.config.per_device_eval_batch_size), [0], model,
+                                        accelerator):
             batch = examples.targets(chunk)
             _, per_token = sequence_logps(model, head, batch, accelerator.device)
-            window.add({"loss_sum": float(-per_token.sum()), "loss_count": batch.num_trained_tokens})
+            if keep:  # (a sharded model's filler forward is dropped)
+                window.add({"loss_sum": float(-per_token.sum()), "loss_count": batch.num_trained_tokens})
         return self.metrics(reduce_sums(window.sums, accelerator))
