@@ -27,6 +27,7 @@ from prospect.errors import UserError
 if TYPE_CHECKING:  # torch is imported where it is used: `prospect train` imports this before torch
     import torch
 
+
 def refuse_deepspeed(config) -> None:
     """`deepspeed` is refused on every machine, by `prospect train` before anything starts (on Ray, before
     the workers), rather than accepted and ignored."""

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from prospect.cli import main
-from test_train import ROOT, adapter_weights, logged, make_config, max_difference, run
+from prospect.objectives import objective_for
+from test_train import ROOT, adapter_weights, logged, make_config, max_difference, run, run_crashing_in_step
 
 CASES = [(stage, method) for stage in ("sft", "kto") for method in ("lora", "full")]
 
@@ -76,6 +77,16 @@ def runs(tmp_path_factory, tiny_model_dir):
         (root / f"{stage}-{method}-resume.yaml").write_text(resumed.to_yaml())
         configs[stage, method, "resumed"] = resumed
         arguments += [f"{root / f'{stage}-{method}-crash.yaml'}@3", str(root / f"{stage}-{method}-resume.yaml")]
+    # an unsharded checkpoint (1 process, accumulation 2: the same global batch), resumed sharded on 2 processes
+    for stage, method in (("kto", "lora"), ("sft", "full")):
+        single = make_config(root / f"{stage}-{method}-from-single", tiny_model_dir, **common(stage, method),
+                             gradient_accumulation_steps=2)
+        run_crashing_in_step(single, type(objective_for(single)), 3, pytest.MonkeyPatch())
+        resumed = make_config(root / f"{stage}-{method}-from-single", tiny_model_dir, **common(stage, method),
+                              fsdp="full_shard", resume_from_checkpoint="true")
+        (root / f"{stage}-{method}-from-single.yaml").write_text(resumed.to_yaml())
+        configs[stage, method, "from-single"] = resumed
+        arguments.append(str(root / f"{stage}-{method}-from-single.yaml"))
     torchrun(arguments, port=29541)
     return configs
 
@@ -118,6 +129,13 @@ def test_a_sharded_run_resumes_sharded_and_on_one_unsharded_process(runs, tmp_pa
     results = run(config)
     assert results["resumed_from_step"] == 2 and results["world_size"] == 1
     assert max_difference(weights(config.output_dir), weights(uninterrupted)) <= 1e-5
+
+
+@pytest.mark.parametrize("stage,method", [("kto", "lora"), ("sft", "full")])
+def test_an_unsharded_checkpoint_resumes_sharded_on_two_processes(runs, stage, method):
+    resumed, uninterrupted = runs[stage, method, "from-single"].output_dir, runs[stage, method, "fsdp"].output_dir
+    assert json.loads((Path(resumed) / "train_results.json").read_text())["resumed_from_step"] == 2
+    assert max_difference(weights(resumed), weights(uninterrupted)) <= 1e-5
 
 
 def test_the_sharded_result_loads_in_plain_peft_and_transformers(runs):
