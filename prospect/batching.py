@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -138,13 +139,7 @@ class Examples:
     @property
     def conversation_sizes(self) -> tuple[int, ...]:
         """Sizes of the runs of consecutive examples from one conversation (a record's rated turns)."""
-        sizes: list[int] = []
-        for number, previous in zip(self.conversations, [None] + self.conversations[:-1]):
-            if number == previous:
-                sizes[-1] += 1
-            else:
-                sizes.append(1)
-        return tuple(sizes)
+        return tuple(len(list(run)) for _, run in itertools.groupby(self.conversations))
 
     def targets(self, indices: list[int]) -> PackedBatch:
         """The examples packed, rated turns of one conversation sharing its sequence where they can."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 from prospect.errors import UserError
+from prospect.sharding import fsdp_options
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
@@ -223,12 +224,7 @@ class RunConfig:
         if self.quantization_bit != 4 and (self.quantization_type != "nf4" or not self.double_quantization):
             raise UserError("quantization_type and double_quantization apply to quantization_bit: 4: set it, or remove "
                             "them.")
-        options = (self.fsdp or "").replace(",", " ").split()
-        if set(options) - {"full_shard", "shard_grad_op", "offload", "auto_wrap"} or (
-                options and len({"full_shard", "shard_grad_op"} & set(options)) != 1):
-            raise UserError(f"fsdp: {self.fsdp!r} is not allowed: full_shard (weights, gradients and optimizer state "
-                            "sharded) or shard_grad_op (gradients and optimizer state), optionally with offload "
-                            "(CUDA) and auto_wrap (what prospect always does: a group per decoder layer).")
+        fsdp_options(self.fsdp)
         # dataset
         if self.val_size >= 1 and self.val_size != int(self.val_size):
             raise UserError(

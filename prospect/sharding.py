@@ -28,6 +28,18 @@ if TYPE_CHECKING:  # torch is imported where it is used: `prospect train` import
     import torch
 
 
+def fsdp_options(value: str | None) -> list[str]:
+    """The `fsdp` key's options, HF Trainer's spelling ("full_shard auto_wrap", "shard_grad_op offload");
+    UserError for anything else (`RunConfig.validate` calls it)."""
+    options = (value or "").replace(",", " ").split()
+    if set(options) - {"full_shard", "shard_grad_op", "offload", "auto_wrap"} or (
+            options and len({"full_shard", "shard_grad_op"} & set(options)) != 1):
+        raise UserError(f"fsdp: {value!r} is not allowed: full_shard (weights, gradients and optimizer state "
+                        "sharded) or shard_grad_op (gradients and optimizer state), optionally with offload "
+                        "(CUDA) and auto_wrap (what prospect always does: a group per decoder layer).")
+    return options
+
+
 def refuse_deepspeed(config) -> None:
     """`deepspeed` is refused on every machine, by `prospect train` before anything starts (on Ray, before
     the workers), rather than accepted and ignored."""
@@ -42,7 +54,7 @@ def check_sharding(config, device: torch.device, world_size: int) -> None:
     refuse_deepspeed(config)
     if not config.fsdp:
         return
-    options = config.fsdp.replace(",", " ").split()  # valid options (RunConfig.validate)
+    options = fsdp_options(config.fsdp)
     if "offload" in options and device.type != "cuda":
         raise UserError("fsdp: offload moves the shards from GPU memory to CPU memory; this run is on CPU already, "
                         "so there is nothing to offload: remove offload.")
@@ -69,7 +81,7 @@ def shard(hidden_model: torch.nn.Module, config) -> None:
     if not torch.distributed.is_initialized():  # one process (one GPU, offload): a group of one
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                                              store=torch.distributed.HashStore(), rank=0, world_size=1)
-    options = config.fsdp.replace(",", " ").split()
+    options = fsdp_options(config.fsdp)
     offload = CPUOffloadPolicy() if "offload" in options else OffloadPolicy()
     reshard = "full_shard" in options  # shard_grad_op keeps a layer's weights gathered from forward to backward
     for layer in hidden_model.causal_lm().get_decoder().layers:

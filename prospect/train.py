@@ -239,6 +239,7 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
         progress.close()
 
         # --- final outputs ---------------------------------------------------------------------------
+        peak_memory_bytes = _peak_memory_bytes(accelerator.device)
         results = {
             "stage": config.stage,
             "num_examples": len(train_set),
@@ -252,9 +253,9 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
             "trained_tokens_per_second": totals["trained_tokens"] / max(totals["step_seconds"], 1e-9),
             "reference_forward_passes": reference_passes,
             "reference_seconds": reference_seconds,
-            "peak_memory_bytes": _peak_memory_bytes(accelerator.device),
+            "peak_memory_bytes": peak_memory_bytes,
             "peak_memory_bytes_per_process": [int(peak) for peak in accelerator.gather(
-                torch.tensor([_peak_memory_bytes(accelerator.device)], device=accelerator.device)).tolist()],
+                torch.tensor([peak_memory_bytes], device=accelerator.device)).tolist()],
             "world_size": accelerator.num_processes,
             "parameters_per_process": held_parameters(hidden_model),  # sharded: this process's slices
         }

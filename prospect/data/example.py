@@ -97,20 +97,22 @@ def fold_conversations(examples: list[Example]) -> tuple[list[Example], int]:
             if m.role == "assistant":
                 yield i, h.copy().digest()
 
+    digests = [dict(prefix_digests(e)) for e in examples]
     rated = [any(m.label is not None for m in e.messages) or e.label is not None for e in examples]
     longest: dict[bytes, int] = {}  # digest of a conversation's start -> the longest rated record with it
     for k in sorted(range(len(examples)), key=lambda k: -len(examples[k].messages)):
         if rated[k]:
-            for _, digest in prefix_digests(examples[k]):
+            for digest in digests[k].values():
                 longest.setdefault(digest, k)
     folded: set[int] = set()
     for k, example in enumerate(examples):
+        if not example.messages:
+            continue
         last = len(example.messages) - 1
         label = example.messages[last].label if example.label is None else example.label
-        if label is None or any(m.label is not None for m in example.messages[:last]) or not example.messages:
+        if label is None or any(m.label is not None for m in example.messages[:last]):
             continue
-        digests = dict(prefix_digests(example))
-        host = longest.get(digests.get(last))
+        host = longest.get(digests[k].get(last))
         if host is None or host == k or host in folded or len(examples[host].messages) <= last + 1:
             continue
         turn = examples[host].messages[last]
