@@ -1,12 +1,13 @@
-"""FSDP2 (fsdp: full_shard) against DDP on 2 processes of this machine: peak memory per process, step time,
-and how far apart the two runs end.
+"""FSDP2 (fsdp: full_shard) and DeepSpeed ZeRO against DDP on 2 processes of this machine: peak memory per
+process, step time, and how far apart the runs end.
 
     python benchmarks/bench_sharding.py                    # the embedded SmolLM2-135M-Instruct, full fine-tuning
     python benchmarks/bench_sharding.py --finetuning lora --steps 4
 
 Each run is `torchrun --nproc_per_node 2 -m prospect train` of the same SFT job (the bundled signoff_sft
-data, batch 1 per process, cutoff 256, AdamW, fp32, no evaluation), once with DDP and once with
-`fsdp: full_shard`, alternating `--repeats` times. Peak memory is each process's peak resident set
+data, batch 1 per process, cutoff 256, AdamW, fp32, no evaluation), with DDP, with `fsdp: full_shard` and
+with `deepspeed: examples/deepspeed/ds_z2_config.json` (full fine-tuning) or ds_z3_config.json (LoRA; ZeRO-3
+does not take full fine-tuning yet), alternating `--repeats` times. Peak memory is each process's peak resident set
 (train_results.json's peak_memory_bytes_per_process, from getrusage); step time is the optimizer
 steps' wall time over their number. The loss and weight differences compare the two runs' logged
 losses and saved weights.
@@ -24,16 +25,22 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RUNS = {"DDP": "fsdp=null", "FSDP2 full_shard": "fsdp=full_shard"}
+DEEPSPEED = REPO / "examples" / "deepspeed"
 
 
-def one_run(args, fsdp: str, output_dir: Path) -> dict:
+def engines(finetuning: str) -> dict[str, str]:
+    zero = 2 if finetuning == "full" else 3
+    return {"DDP": "fsdp=null", "FSDP2 full_shard": "fsdp=full_shard",
+            f"DeepSpeed ZeRO-{zero}": f"deepspeed={DEEPSPEED / f'ds_z{zero}_config.json'}"}
+
+
+def one_run(args, setting: str, output_dir: Path) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29561",
                "-m", "prospect", "train", str(REPO / "examples" / "sft_lora.yaml"),
                f"model_name_or_path={args.model}", f"finetuning_type={args.finetuning}", f"max_steps={args.steps}",
                "per_device_train_batch_size=1", "gradient_accumulation_steps=1", "cutoff_len=256",
                "eval_dataset=[]", "val_size=0", "eval_strategy=no", f"output_dir={output_dir}", "save_steps=1000000",
-               "logging_steps=1", "plot_loss=false", "learning_rate=1e-5", fsdp]
+               "logging_steps=1", "plot_loss=false", "learning_rate=1e-5", setting]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=str(REPO), env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -58,29 +65,32 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
-    measured: dict[str, list[dict]] = {name: [] for name in RUNS}
+    runs = engines(args.finetuning)
+    measured: dict[str, list[dict]] = {name: [] for name in runs}
     with tempfile.TemporaryDirectory(prefix="prospect-bench-sharding-") as workdir:
         for repeat in range(args.repeats):
-            for number, (name, fsdp) in enumerate(RUNS.items()):
+            for number, (name, setting) in enumerate(runs.items()):
                 output = Path(workdir) / f"run-{repeat}-{number}"
-                measured[name].append(one_run(args, fsdp, output))
+                measured[name].append(one_run(args, setting, output))
                 print(f"repeat {repeat + 1}: {name}: {measured[name][-1]}", flush=True)
-        first = [Path(workdir) / f"run-0-{number}" for number in range(len(RUNS))]
-        a, b = weights(first[0]), weights(first[1])
-        weight_difference = max(float((a[k] - b[k]).abs().max()) for k in a)
-    ddp, fsdp = (measured[name] for name in RUNS)
-    loss_difference = max(abs(x - y) for x, y in zip(ddp[0]["losses"], fsdp[0]["losses"]))
+        first = [weights(Path(workdir) / f"run-0-{number}") for number in range(len(runs))]
+        weight_differences = [max(float((first[0][k] - other[k]).abs().max()) for k in first[0]) for other in first[1:]]
+    ddp, *sharded = (measured[name] for name in runs)
+    names = list(runs)[1:]
     print(f"\n{args.model}, {args.finetuning} fine-tuning, 2 processes, {args.steps} steps; medians of {args.repeats}\n")
-    print("| measure | DDP | FSDP2 full_shard | ratio |")
-    print("|---|---|---|---|")
+    print("| measure | DDP | " + " | ".join(f"{name} | ratio" for name in names) + " |")
+    print("|---|---|" + "---|---|" * len(names))
     for label, pick in (("peak RSS, process 0 (GiB)", lambda r: r["peak_gib"][0]),
                         ("peak RSS, process 1 (GiB)", lambda r: r["peak_gib"][1]),
                         ("weights held per process", lambda r: r["parameters_per_process"]),
                         ("step time (s)", lambda r: r["step_seconds"])):
-        x, y = statistics.median(map(pick, ddp)), statistics.median(map(pick, fsdp))
-        print(f"| {label} | {x:.4g} | {y:.4g} | {y / x:.2f}× |")
-    print(f"\nmax |loss difference| {loss_difference:.2e}, max |weight difference| after {args.steps} steps "
-          f"{weight_difference:.2e}")
+        x = statistics.median(map(pick, ddp))
+        cells = [statistics.median(map(pick, runs_of)) for runs_of in sharded]
+        print(f"| {label} | {x:.4g} | " + " | ".join(f"{y:.4g} | {y / x:.2f}×" for y in cells) + " |")
+    for name, runs_of, weight_difference in zip(names, sharded, weight_differences):
+        loss_difference = max(abs(x - y) for x, y in zip(ddp[0]["losses"], runs_of[0]["losses"]))
+        print(f"{name}: max |loss difference| from DDP {loss_difference:.2e}, max |weight difference| after "
+              f"{args.steps} steps {weight_difference:.2e}")
 
 
 if __name__ == "__main__":

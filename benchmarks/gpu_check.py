@@ -9,7 +9,9 @@
     # then, while the machine is warm (carry [".gpu/ray"]; .gpu/site and .gpu/work stay there):
     python3 -m pip install -q --no-index --no-deps --no-compile --target .gpu/site .gpu/ray/*.whl &&
       PYTHONPATH=.gpu/site:. PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py ray --out $OUT
-    PYTHONPATH=.gpu/site:. PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py shard --out $OUT
+    # and (carry [".gpu/deepspeed"]) the sharded checks:
+    python3 -m pip install -q --no-index --no-deps --no-compile --target .gpu/site .gpu/deepspeed/*.whl &&
+      PYTHONPATH=.gpu/site:. PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py shard --out $OUT
     python benchmarks/gpu_check.py run --tiny     # here, on CPU, a 2-layer model: checks the script
 
 The model has Qwen2.5-0.5B's widths (hidden 896, 14 query / 2 key-value heads, MLP 4864, tied embeddings)
@@ -30,6 +32,10 @@ run at the same time):
   ray-1gpu            (`ray`) the bf16-kto run through Ray Train with one GPU worker: the same losses.
   fsdp-offload        (`shard`) the bf16-kto run with fsdp: full_shard offload (FSDP2 on one process, the
                       shards in CPU memory): losses within 0.01 of bf16-kto's, and both peak GPU memories.
+  zero3-offload,      (`shard`) the same with deepspeed: examples/deepspeed/ds_z3_offload_config.json (weights
+  zero2-offload       and optimizer state in CPU memory) and ds_z2_offload_config.json (optimizer state):
+                      DeepSpeed through Accelerate on one process, losses within 0.02 of bf16-kto's (its
+                      bfloat16 weights are not autocast), both peak GPU memories.
 Then `run` ends with bench_gpu.py's throughput table (prospect-kto, trl-kto-fastest, prospect-sft on the
 Llama-3-8B shape, fewer steps than its default), as long as the time budget allows.
 """
@@ -57,6 +63,10 @@ EXTRA_WHEELS = ["liger-kernel==0.8.5", "bitsandbytes==0.50.2"]
 RAY_WHEELS = ["ray==2.60.0", "jsonschema==4.26.0", "jsonschema-specifications==2025.9.1", "referencing==0.37.0",
               "rpds-py==2026.9.1", "msgpack==1.2.4", "pydantic==2.14.4", "pydantic-core==2.50.5",
               "annotated-types==0.8.0", "typing-inspection==0.4.5", "typing-extensions==4.16.0", "tensorboardX==2.6.5"]
+DEEPSPEED = "deepspeed==0.19.8"
+DEEPSPEED_WHEELS = ["hjson==3.1.0", "py-cpuinfo==9.0.0", "ninja==1.13.2", "einops==0.8.2", "msgpack==1.2.4",
+                    "pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==0.8.0", "typing-inspection==0.4.5",
+                    "typing-extensions==4.16.0"]
 # Members of big wheels a Linux CUDA 13 machine never loads (the carry is limited to 64 MiB).
 SLIM = {"bitsandbytes": lambda name: "libbitsandbytes_cuda" in name and "cuda130" not in name,
         "ray": lambda name: name.startswith("ray/jars/") or name.endswith(".js.map")}
@@ -96,13 +106,18 @@ def prepare() -> None:
     bench_gpu.prepare()
     download(EXTRA_WHEELS, ASSETS / "wheels")
     download(RAY_WHEELS, ASSETS / "ray")
+    # deepspeed is published as a source package: its pure-Python wheel is built here (its ops compile on use)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(ASSETS / "deepspeed"),
+                    DEEPSPEED], check=True)
+    download(DEEPSPEED_WHEELS, ASSETS / "deepspeed")
     for folder in (ASSETS / "wheels", ASSETS / "ray"):
         for wheel in folder.glob("*.whl"):
             package = wheel.name.split("-")[0].lower()
             if package in SLIM:
                 slim_wheel(wheel, SLIM[package])
-    for folder in (ASSETS, ASSETS / "ray"):
-        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and (folder != ASSETS or "ray" not in f.parts))
+    for folder in (ASSETS, ASSETS / "ray", ASSETS / "deepspeed"):
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and (
+            folder != ASSETS or not {"ray", "deepspeed"} & set(f.relative_to(ASSETS).parts)))
         print(f"{folder}: {size / 2**20:.1f} MiB (a device call carries at most 64 MiB)")
 
 
@@ -396,9 +411,20 @@ def run_ray(args) -> None:
     (out / "gpu_check_ray.txt").write_text(line + "\n")
 
 
+SHARD_CHECKS = {  # name: the settings added to bf16-kto's, and the loss tolerance against bf16-kto
+    # FSDP2 on one process: the shards in CPU memory, gathered layer by layer onto the GPU (autocast as bf16-kto)
+    "fsdp-offload": (dict(fsdp="full_shard offload"), 0.01),
+    # DeepSpeed computes with bfloat16 weights (adapters included) and float32 master copies, not autocast
+    "zero3-offload": (dict(deepspeed=str(REPO / "examples" / "deepspeed" / "ds_z3_offload_config.json")), 0.02),
+    "zero2-offload": (dict(deepspeed=str(REPO / "examples" / "deepspeed" / "ds_z2_offload_config.json")), 0.02),
+}
+
+
 def run_shard(args) -> None:
-    """fsdp-offload: the bf16-kto run of `run` again with `fsdp: full_shard offload` (FSDP2, one process: the
-    shards in CPU memory, gathered layer by layer onto the GPU): the same losses, less GPU memory."""
+    """fsdp-offload, zero3-offload, zero2-offload: the bf16-kto run of `run` again, sharded on one process with
+    the shards (or DeepSpeed's optimizer state) in CPU memory: the same losses, less GPU memory."""
+    import importlib.util
+
     workdir = Path(args.workdir) if args.workdir else WORK
     out = Path(args.out) if args.out else workdir
     out.mkdir(parents=True, exist_ok=True)
@@ -406,20 +432,28 @@ def run_shard(args) -> None:
 
     previous = json.loads((workdir / "gpu.result.json").read_text()).get("bf16-kto", {})
     spec = dict(model_dir=str(workdir / "model"), data_dir=str(Path(args.assets) / "data"), workdir=str(workdir))
-    try:
-        result = train_once(spec, "fsdp-offload", stage="kto", bf16=True, fsdp="full_shard offload")
-        ok, worst = close(result["losses"], previous.get("losses", []), absolute=0.01)
-        line = (f"{'PASS' if ok else 'FAIL':<20} fsdp-offload losses {result['losses']} vs bf16-kto "
-                f"{previous.get('losses')} (worst {worst:.2e}); peak GPU memory "
-                f"{result['peak_memory_bytes'] / 2**30:.2f} GiB vs {previous.get('peak_memory_bytes', 0) / 2**30:.2f} "
-                f"GiB without sharding; {result['seconds']:.1f} s vs {previous.get('seconds', 0):.1f} s")
-    except Exception as err:
-        from prospect.errors import UserError
+    lines = []
+    for name, (settings, tolerance) in SHARD_CHECKS.items():
+        if "deepspeed" in settings and importlib.util.find_spec("deepspeed") is None:
+            lines.append(f"{'SKIP':<20} {name} deepspeed is not installed (carry .gpu/deepspeed, see the docstring)")
+            print(lines[-1], flush=True)
+            continue
+        try:
+            result = train_once(spec, name, stage="kto", bf16=True, **settings)
+            ok, worst = close(result["losses"], previous.get("losses", []), absolute=tolerance)
+            lines.append(f"{'PASS' if ok else 'FAIL':<20} {name} losses {result['losses']} vs bf16-kto "
+                         f"{previous.get('losses')} (worst {worst:.2e}); peak GPU memory "
+                         f"{result['peak_memory_bytes'] / 2**30:.2f} GiB vs "
+                         f"{previous.get('peak_memory_bytes', 0) / 2**30:.2f} GiB without sharding; "
+                         f"{result['seconds']:.1f} s vs {previous.get('seconds', 0):.1f} s")
+        except Exception as err:
+            from prospect.errors import UserError
 
-        refusal = isinstance(err, UserError) and "offload" in str(err) and not torch.cuda.is_available()
-        line = f"{'SKIP (PASS refusal)' if refusal else 'FAIL':<20} fsdp-offload {type(err).__name__}: {str(err)[:400]}"
-    print(line, flush=True)
-    (out / "gpu_check_shard.txt").write_text(line + "\n")
+            refusal = isinstance(err, UserError) and "offload" in str(err) and not torch.cuda.is_available()
+            lines.append(f"{'SKIP (PASS refusal)' if refusal else 'FAIL':<20} {name} {type(err).__name__}: "
+                         f"{str(err)[:400]}")
+        print(lines[-1], flush=True)
+    (out / "gpu_check_shard.txt").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:

@@ -36,6 +36,8 @@ RUN_OUTPUTS = (
     "README.md",
 )
 RUN_OUTPUT_FOLDERS = ("runs", "mlruns")
+# A DeepSpeed run's checkpoint also holds the engine's own checkpoint (optimizer state, one file per process)
+DEEPSPEED_FOLDER, DEEPSPEED_TAG = "deepspeed", "state"
 
 
 def prepare_output_dir(output_dir: str, *, overwrite: bool, resume: str | None) -> None:
@@ -179,12 +181,14 @@ def write_main_files(folder: Path, *, model, optimizer, scheduler, state: dict, 
                      optimizer_state: dict | None = None) -> None:
     """Weights, optimizer, scheduler and the trainer state (main process only); the state file is
     written last so its presence means everything else is there. A sharded run passes its gathered
-    `weights` and name-keyed `optimizer_state` (`sharding.gather_state`)."""
+    `weights` and name-keyed `optimizer_state` (`sharding.gather_state`); a DeepSpeed run no optimizer
+    (the engine wrote its state)."""
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder), state_dict=weights)
-    torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, folder / "optimizer.pt")
+    if optimizer is not None:
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, folder / "optimizer.pt")
     torch.save(scheduler.state_dict(), folder / "scheduler.pt")
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
     (folder / STATE_FILE).write_text(json.dumps({**state, "files": files}, indent=1))
@@ -213,12 +217,26 @@ def read_state(folder: Path) -> dict:
     return json.loads((Path(folder) / STATE_FILE).read_text())
 
 
-def load_checkpoint(folder: Path, *, model, optimizer, scheduler, rank: int, lora: bool, sharded: bool = False) -> None:
+def load_checkpoint(folder: Path, *, model, optimizer, scheduler, rank: int, lora: bool, sharded: bool = False,
+                    engine=None) -> None:
     """Restore weights, optimizer, scheduler and this rank's RNG states.
 
     The optimizer state is keyed by parameter number (written by an unsharded run) or by parameter
     name (a sharded run's, `sharding.gather_state`); a checkpoint of either kind resumes sharded or
-    not, on any number of processes (the global batch size must stay the same)."""
+    not, on any number of processes (the global batch size must stay the same). A DeepSpeed run's
+    `engine` loads its own checkpoint (weights and this process's optimizer state)."""
+    if engine is not None:
+        engine.load_checkpoint(str(folder / DEEPSPEED_FOLDER), tag=DEEPSPEED_TAG, load_module_strict=not lora,
+                               load_optimizer_states=True, load_lr_scheduler_states=False)
+    else:
+        _load_weights_and_optimizer(folder, model, optimizer, rank=rank, lora=lora, sharded=sharded)
+    scheduler.load_state_dict(load_state(folder / "scheduler.pt"))
+    rng_file = folder / f"rng_state_{rank}.pt"
+    if rng_file.is_file():
+        set_rng_states(load_state(rng_file))
+
+
+def _load_weights_and_optimizer(folder: Path, model, optimizer, *, rank: int, lora: bool, sharded: bool) -> None:
     from prospect import sharding
 
     optimizer_state = load_state(folder / "optimizer.pt")
@@ -240,10 +258,6 @@ def load_checkpoint(folder: Path, *, model, optimizer, scheduler, rank: int, lor
             optimizer_state = sharding.state_by_name(optimizer_state, names)
         weights = _adapter_by_name(model, folder, names) if lora else _load_full_weights(None, folder)
         sharding.load_state(model, optimizer, weights, optimizer_state, sharded=sharded)
-    scheduler.load_state_dict(load_state(folder / "scheduler.pt"))
-    rng_file = folder / f"rng_state_{rank}.pt"
-    if rng_file.is_file():
-        set_rng_states(load_state(rng_file))
 
 
 def _adapter_by_name(model, folder: Path, names: list[str]) -> dict:

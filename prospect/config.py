@@ -93,8 +93,8 @@ class RunConfig:
         1.0, "KTO λ_U: weight of undesirable examples (stage kto only).", min=0.0, exclusive_min=True
     )
     deepspeed: str | None = _f(
-        None, "DeepSpeed JSON config: DeepSpeed is not built in yet, so prospect train stops with exit 2; shard "
-        "with fsdp: full_shard (the same ZeRO-3 scheme, PyTorch's FSDP2).")
+        None, "DeepSpeed JSON config (ZeRO stage 1-3, \"auto\" values filled from this YAML; no optimizer/scheduler "
+        "sections): shard with DeepSpeed over ≥ 2 processes; unset = DDP.")
     fsdp: str | None = _f(None, "Shard the model over the processes with PyTorch FSDP2 (HF Trainer's spelling): "
                           "full_shard (weights, gradients, optimizer state) or shard_grad_op (not weights), + offload "
                           "(CUDA); unset = DDP.")

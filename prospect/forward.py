@@ -44,7 +44,8 @@ def sequence_logps(hidden_model, head, batch: PackedBatch, device, prompt_cache:
     batch = batch.to(device)
     extra = {} if prompt_cache is None else {"prompt_cache": prompt_cache}
     hidden = hidden_model(**batch.model_inputs(), **extra)
-    per_token = token_logps(hidden, head, batch.targets)
+    with _gathered(head):
+        per_token = token_logps(hidden, head, batch.targets)
     per_example = torch.zeros(batch.num_examples, dtype=torch.float32, device=device)
     return per_example.index_add(0, batch.example_index, per_token), per_token
 
@@ -59,9 +60,30 @@ def reduce_sums(values: dict, accelerator) -> dict:
     return dict(zip(keys, tensor.tolist()))
 
 
+def _gathered(head):
+    """ZeRO-3 keeps a weight partitioned outside its module's forward, and the log-probs read the head's
+    weight outside it: gather it for them (a collective: every process runs as many). Only a frozen head
+    (LoRA) gets here: its log-probs' backward needs no weight (`losses._FrozenLinearLogps`)."""
+    if not hasattr(head.weight, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=None)
+
+
 def sync_unless_last(accelerator, model, number: int, count: int):
-    """DDP all-reduces gradients in every backward; skip it for all but the step's last micro-batch."""
+    """DDP all-reduces gradients in every backward; skip it for all but the step's last micro-batch.
+    DeepSpeed's engine steps in the backward of the micro-batch that syncs (then its reduction is done)."""
+    if accelerator.distributed_type == "DEEPSPEED":
+        accelerator.gradient_state._set_sync_gradients(number == count - 1)  # what `accelerator.accumulate` sets
+        return contextlib.nullcontext()
     return contextlib.nullcontext() if number == count - 1 else accelerator.no_sync(model)
+
+
+def backward(accelerator, loss: torch.Tensor) -> None:
+    """`accelerator.backward`; DeepSpeed would divide the loss by the accumulation steps again (the
+    objectives normalise over the whole step already), so it is told not to, as the HF Trainer does."""
+    accelerator.backward(loss, **({"scale_wrt_gas": False} if accelerator.distributed_type == "DEEPSPEED" else {}))
 
 
 class Window:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prospect.config import RunConfig
 from prospect.errors import UserError
-from prospect.sharding import refuse_deepspeed
+from prospect.sharding import check_deepspeed_installed, deepspeed_json
 
 def launch(config: RunConfig) -> dict:
     if not config.do_train:
@@ -16,7 +16,9 @@ def launch(config: RunConfig) -> dict:
             "do_train: false: `prospect train` only trains. For held-out metrics of a trained run use "
             "`prospect eval CONFIG`; to check the data, `prospect data check CONFIG`. Remove the key to train."
         )
-    refuse_deepspeed(config)
+    if config.deepspeed:  # the file and the package, before anything starts (on Ray, before the workers)
+        deepspeed_json(config.deepspeed)
+        check_deepspeed_installed()
     if config.uses_ray:
         from prospect.ray_launch import launch_on_ray
 

@@ -114,9 +114,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     # Ray sets OMP_NUM_THREADS to the worker's CPUs (1 unless resources_per_worker says more); torch
     # must follow it, or a few workers oversubscribe the cores and each step gets many times slower.
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS") or 1)))
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not config.deepspeed:
         # Accelerate joins the gloo group Ray Train set up only when told it runs on CPU; without
-        # this every worker would train alone as a world of one.
+        # this every worker would train alone as a world of one. (Under DeepSpeed, which that setting
+        # would turn off, train() joins the group itself.)
         os.environ["ACCELERATE_USE_CPU"] = "true"
     _progress_as_lines(show=rank == 0)
     if rank != 0:

@@ -51,7 +51,8 @@ from prospect.model import check_gpu_keys, load_tokenizer, load_trainable_model
 from prospect.objectives import objective_for
 from prospect.packing import packed_attention_implementation
 from prospect.reference import reference_model
-from prospect.sharding import check_sharding, gather_state, held_parameters, shard
+from prospect.sharding import (check_sharding, deepspeed_settings, gather_deepspeed_weights, gather_state,
+                               held_parameters, shard)
 
 # What the loop adds to an objective's sums at every optimizer step.
 LOOP_SUM_KEYS = ("grad_norm", "steps", "seconds", "tokens", "trained_tokens")
@@ -66,7 +67,7 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
     import copy
 
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import InitProcessGroupKwargs, set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -76,15 +77,18 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
     if config.fp16 and not torch.cuda.is_available():
         raise UserError("fp16: true needs a CUDA GPU; on CPU train in float32 (bf16: false) or bf16: true.")
     # Accelerate keeps its settings in a process-wide singleton; a new run (a test, a restarted Ray
-    # worker) must not inherit the last run's mixed precision.
-    AcceleratorState._reset_state(reset_partial_state=False)
+    # worker) must not inherit the last run's mixed precision, nor a DeepSpeed run's engine, which it
+    # also writes into the process's state (that is then set up again, in the same process group).
+    AcceleratorState._reset_state(reset_partial_state=PartialState._shared_state.get("distributed_type") == "DEEPSPEED")
     # cpu=True without CUDA: Accelerate joins a CPU (gloo) process group under torchrun only when told.
     # ddp_timeout: how long a collective waits under torchrun (Ray sets it on the group it creates).
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+    process_group = InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))
+    accelerator = Accelerator(cpu=not torch.cuda.is_available() and not config.deepspeed,
                               mixed_precision="bf16" if config.bf16 else "fp16" if config.fp16 else "no",
-                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))])
+                              deepspeed_plugin=_deepspeed_plugin(config, process_group), kwargs_handlers=[process_group])
     main = accelerator.is_main_process
     say = print if main else (lambda *a, **k: None)
+    zero_stage = accelerator.state.deepspeed_plugin.zero_stage if config.deepspeed else None
     check_gpu_keys(config, accelerator.device)  # before anything is written or loaded
     check_sharding(config, accelerator.device, accelerator.num_processes)
     attention = packed_attention_implementation(config.flash_attn, accelerator.device,
@@ -112,11 +116,17 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
         say(line)
 
     # --- model, optimizer, schedule ------------------------------------------------------------
-    model = load_trainable_model(config, device=accelerator.device, attn_implementation=attention)
+    # DeepSpeed's engine moves the weights to the GPU itself: under ZeRO-3 only this process's partitions
+    # (none with offload_param), so the model is loaded into CPU memory first.
+    model = load_trainable_model(config, device=torch.device("cpu") if config.deepspeed else accelerator.device,
+                                 attn_implementation=attention)
     lora = config.finetuning_type == "lora"
     frozen_reference = None
     if objective.uses_reference_model and not lora:
         frozen_reference = HiddenStates(copy.deepcopy(model).eval().requires_grad_(False))
+        if config.deepspeed:  # (ZeRO-1/2) DeepSpeed runs the policy in 16 bits where asked (no autocast)
+            frozen_reference.to(accelerator.device, torch.bfloat16 if config.bf16 else
+                                torch.float16 if config.fp16 else torch.float32)
     hidden_model = HiddenStates(model)
     head = hidden_model.causal_lm().get_output_embeddings()
     sharded = bool(config.fsdp)
@@ -143,14 +153,19 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
                               num_training_steps=schedule.total_steps)
     if sharded:  # Accelerate's own FSDP2 needs CUDA: it gives the sharded model autocast, and no DDP
         hidden_model, optimizer = accelerator.prepare_model(hidden_model, evaluation_mode=True), accelerator.prepare(optimizer)
-    else:
+    else:  # DeepSpeed: its engine, from the JSON with the "auto" values filled from this YAML
+        if config.deepspeed:
+            accelerator.state.deepspeed_plugin.deepspeed_config.update(deepspeed_settings(
+                config, world_size=accelerator.num_processes, hidden_size=model.config.hidden_size))
         hidden_model, optimizer = accelerator.prepare(hidden_model, optimizer)
+    total_weights = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())  # ZeRO-3: whole
     say(f"{len(train_set)} examples ({int(train_set.num_tokens.sum()):,} tokens), {schedule.total_steps} steps of "
         f"{schedule.global_batch_size} examples "
         f"({schedule.micro_batch_size} × {schedule.accumulation_steps} accumulation × {schedule.world_size} "
         f"processes), {sum(p.numel() for p in trainable):,} trainable parameters, attention {attention}"
-        + (f", sharded by FSDP2 ({config.fsdp}): this process holds {held_parameters(hidden_model):,} of "
-           f"{sum(p.numel() for p in model.parameters()):,} weights" if sharded else ""))
+        + (f", sharded by FSDP2 ({config.fsdp})" if sharded else f", DeepSpeed ZeRO-{zero_stage}" if zero_stage else "")
+        + (f": this process holds {held_parameters(hidden_model):,} of {total_weights:,} weights" if sharded or zero_stage
+           else ""))
 
     # --- resume ----------------------------------------------------------------------------------
     start_step = 0
@@ -161,9 +176,11 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
         data_fingerprint = broadcast_object_list([data_fingerprint])[0]
     if resume_from is not None:
         state = checkpoints.read_state(resume_from)
-        _check_resumable(state, schedule, config, resume_from, data_fingerprint, objective.fingerprint_note)
+        _check_resumable(state, schedule, config, resume_from, data_fingerprint, objective.fingerprint_note,
+                         zero_stage)
         checkpoints.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
-                                    rank=accelerator.process_index, lora=lora, sharded=sharded)
+                                    rank=accelerator.process_index, lora=lora, sharded=sharded,
+                                    engine=hidden_model if config.deepspeed else None)
         start_step = state["step"]
         say(f"resumed from {resume_from} at step {start_step}")
     elif config.resume_from_checkpoint:
@@ -232,8 +249,8 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
                     progress.write(_metrics_line(done, schedule.total_steps, metrics, split="eval"))
                 hidden_model.train()
             if done % config.save_steps == 0 or done == schedule.total_steps:
-                _save_checkpoint(config, output_dir, done, schedule, model, optimizer, scheduler, accelerator,
-                                 data_fingerprint)
+                _save_checkpoint(config, output_dir, done, schedule, hidden_model, model, optimizer, scheduler,
+                                 accelerator, data_fingerprint, zero_stage)
                 if on_checkpoint is not None:
                     on_checkpoint(done, output_dir / f"checkpoint-{done}", main)
         progress.close()
@@ -259,7 +276,8 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
             "world_size": accelerator.num_processes,
             "parameters_per_process": held_parameters(hidden_model),  # sharded: this process's slices
         }
-        weights = gather_state(model, optimizer, lora=lora, with_optimizer=False)[0] if sharded else None
+        weights = (gather_state(model, optimizer, lora=lora, with_optimizer=False)[0] if sharded else
+                   gather_deepspeed_weights(model) if config.deepspeed else None)
         if main:
             model.save_pretrained(str(output_dir), state_dict=weights)
             tokenizer.save_pretrained(str(output_dir))
@@ -280,8 +298,35 @@ def _is_eval_step(config: RunConfig, done: int, eval_every: int, schedule: Sched
     return done % eval_every == 0
 
 
-def _save_checkpoint(config, output_dir: Path, step: int, schedule: Schedule, model, optimizer, scheduler,
-                     accelerator, data_fingerprint: str) -> None:
+def _deepspeed_plugin(config: RunConfig, process_group):
+    """Accelerate's DeepSpeed plugin for a `deepspeed:` run (its "auto" values are filled before prepare),
+    else None. The model is loaded whole, then partitioned (no zero.Init at load)."""
+    import os
+
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)  # the YAML decides (a previous run in this process set it)
+    if not config.deepspeed:
+        return None
+    from accelerate import DeepSpeedPlugin
+    from accelerate.state import PartialState
+
+    from prospect.sharding import check_deepspeed_installed, deepspeed_json
+
+    settings = deepspeed_json(config.deepspeed)
+    check_deepspeed_installed()
+    if not torch.cuda.is_available():
+        # Accelerate turns DeepSpeed off under cpu=True, and without cpu=True a CPU process does not join
+        # the process group (gloo): join it as cpu=True would, then ask for DeepSpeed on top.
+        PartialState(cpu=True, **process_group.to_kwargs())
+    elif "LOCAL_RANK" not in os.environ and not torch.distributed.is_initialized():
+        # One GPU without a launcher (ZeRO with offload): DeepSpeed would look for MPI to find its process
+        # group; give it a group of one.
+        torch.distributed.init_process_group("nccl", store=torch.distributed.HashStore(), rank=0, world_size=1,
+                                             **process_group.to_kwargs())
+    return DeepSpeedPlugin(hf_ds_config=settings, zero3_init_flag=False)
+
+
+def _save_checkpoint(config, output_dir: Path, step: int, schedule: Schedule, hidden_model, model, optimizer,
+                     scheduler, accelerator, data_fingerprint: str, zero_stage: int | None) -> None:
     folder = checkpoints.temporary_folder(str(output_dir), step)
     state = {
         "step": step,
@@ -294,13 +339,18 @@ def _save_checkpoint(config, output_dir: Path, step: int, schedule: Schedule, mo
         "world_size": schedule.world_size,
         "total_steps": schedule.total_steps,
         "stage": config.stage,
+        "deepspeed_zero_stage": zero_stage,
     }
-    # Sharded: the full weights and optimizer state, gathered from every process (a collective)
-    weights, optimizer_state = gather_state(model, optimizer, lora=config.finetuning_type == "lora") if config.fsdp \
-        else (None, None)
+    weights, optimizer_state = None, None  # DDP: the main process's own
+    if config.fsdp:  # the full weights and optimizer state, gathered from every process (a collective)
+        weights, optimizer_state = gather_state(model, optimizer, lora=config.finetuning_type == "lora")
+    elif zero_stage:  # the weights gathered; the optimizer state in the engine's own files, one per process
+        weights = gather_deepspeed_weights(model)
+        hidden_model.save_checkpoint(str(folder / checkpoints.DEEPSPEED_FOLDER), tag=checkpoints.DEEPSPEED_TAG,
+                                     exclude_frozen_parameters=config.finetuning_type == "lora")
     if accelerator.is_main_process:
-        checkpoints.write_main_files(folder, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
-                                     weights=weights, optimizer_state=optimizer_state)
+        checkpoints.write_main_files(folder, model=model, optimizer=None if config.deepspeed else optimizer,
+                                     scheduler=scheduler, state=state, weights=weights, optimizer_state=optimizer_state)
     accelerator.wait_for_everyone()
     checkpoints.write_rng_state(folder, accelerator.process_index)
     accelerator.wait_for_everyone()
@@ -310,12 +360,21 @@ def _save_checkpoint(config, output_dir: Path, step: int, schedule: Schedule, mo
 
 
 def _check_resumable(state: dict, schedule: Schedule, config: RunConfig, folder: Path, data_fingerprint: str,
-                     fingerprint_note: str) -> None:
+                     fingerprint_note: str, zero_stage: int | None) -> None:
     """The data, its order and the schedule depend on these; resuming with other values would not
-    continue the run (and KTO would mix reference log-probs of other sequences)."""
+    continue the run (and KTO would mix reference log-probs of other sequences). DeepSpeed's optimizer
+    state is its own per-process files: only the same ZeRO stage on as many processes reads them."""
     if "data_fingerprint" not in state:
         raise UserError(f"resume_from_checkpoint: {folder} was written by an earlier prospect, which did not record "
                         "the data it trained on; start a new run in another output_dir.")
+    written = state.get("deepspeed_zero_stage")
+    if (written or zero_stage) and (written, state.get("world_size")) != (zero_stage, schedule.world_size):
+        by = f"DeepSpeed ZeRO-{written} on {state.get('world_size')} processes" if written else "a run without DeepSpeed"
+        raise UserError(f"resume_from_checkpoint: {folder} was written by {by}; this run is "
+                        + (f"ZeRO-{zero_stage} on {schedule.world_size} processes" if zero_stage else "without DeepSpeed")
+                        + ". A DeepSpeed checkpoint's optimizer state resumes with the same ZeRO stage on as many "
+                        "processes; resume it that way, or start a new run in another output_dir (its adapter or "
+                        "weights load anywhere: adapter_name_or_path / model_name_or_path).")
     expected = {"seed": config.seed, "num_examples": schedule.num_examples,
                 "global_batch_size": schedule.global_batch_size, "total_steps": schedule.total_steps,
                 "stage": config.stage, "cutoff_len": config.cutoff_len}

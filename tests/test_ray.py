@@ -232,11 +232,18 @@ def test_two_workers_train_like_one_process_with_accumulation(sft_runs):
 
 
 @pytest.mark.slow
-def test_two_workers_sharded_by_fsdp2_train_like_one_process(sft_runs, workdir, tiny_model_dir):
-    """fsdp: full_shard under Ray: each of the 2 CPU workers holds half the weights; the same run."""
+@pytest.mark.parametrize("engine", ["fsdp2", "deepspeed-zero3"])
+def test_two_sharded_workers_train_like_one_process(sft_runs, workdir, tiny_model_dir, engine):
+    """fsdp: full_shard, or deepspeed: ds_z3_config.json, under Ray: each of the 2 CPU workers holds half the
+    weights; the same run as one process."""
     from prospect.ray_launch import launch_on_ray
 
-    config = run_config(workdir, tiny_model_dir, "sft-fsdp", fsdp="full_shard")
+    if engine == "fsdp2":
+        settings = dict(fsdp="full_shard")
+    else:
+        pytest.importorskip("deepspeed")
+        settings = dict(deepspeed=str(ROOT / "examples" / "deepspeed" / "ds_z3_config.json"))
+    config = run_config(workdir, tiny_model_dir, f"sft-{engine}", **settings)
     results = launch_on_ray(config)
     ray_losses, local_losses = train_losses(run_folder(config)), train_losses(sft_runs["reference"])
     assert sorted(ray_losses) == sorted(local_losses) == [1, 2, 3, 4, 5, 6]
@@ -245,6 +252,8 @@ def test_two_workers_sharded_by_fsdp2_train_like_one_process(sft_runs, workdir, 
     assert max_difference(adapter(run_folder(config)), adapter(sft_runs["reference"])) <= 1e-5
     assert results["world_size"] == 2
     assert results["parameters_per_process"] < 0.55 * sft_runs["results"]["parameters_per_process"]
+    if engine != "fsdp2":
+        assert (run_folder(config) / "checkpoint-6" / "deepspeed").is_dir(), "the engine's checkpoint reaches storage"
 
 
 @pytest.mark.slow

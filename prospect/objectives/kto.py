@@ -21,7 +21,7 @@ import torch
 
 from prospect.batching import Examples, batches_of, rank_share
 from prospect.data.report import balance_advice, kto_balance
-from prospect.forward import Window, reduce_sums, sequence_logps, sync_unless_last
+from prospect.forward import Window, backward, reduce_sums, sequence_logps, sync_unless_last
 from prospect.losses import kto_loss, kto_reference_point
 from prospect.reference import load_or_compute_reference, reference_key
 from prospect.sharding import even_batches
@@ -130,7 +130,7 @@ class KTO:
                 if self.config.pref_ftx > 0:  # an SFT term on desirable completions: mean token NLL, weighted
                     num_targets = torch.tensor(examples.num_trained_targets[chunk], device=device)
                     losses = losses + self.config.pref_ftx * labels * (-policy_logps / num_targets.clamp(min=1))
-                accelerator.backward(losses.sum() * (weight * world / step_examples_count))
+                backward(accelerator, losses.sum() * (weight * world / step_examples_count))
             for key, value in kto_sums(losses, rewards, policy_logps, labels, weight).items():
                 sums[key] += value
             sums["tokens"] += batch.num_tokens * weight

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from prospect.batching import Examples, batches_of, rank_share
-from prospect.forward import Window, reduce_sums, sequence_logps, sync_unless_last
+from prospect.forward import Window, backward, reduce_sums, sequence_logps, sync_unless_last
 from prospect.sharding import even_batches
 
 
@@ -46,7 +46,7 @@ class SFT:
             with sync_unless_last(accelerator, hidden_model, number, len(micro_batches)):
                 _, per_token = sequence_logps(hidden_model, head, batch, accelerator.device)
                 nll = -per_token.sum()
-                accelerator.backward(nll * (weight * world / step_tokens))
+                backward(accelerator, nll * (weight * world / step_tokens))
             sums["loss_sum"] += float(nll.detach()) * weight
             sums["loss_count"] += batch.num_trained_tokens * weight
             sums["tokens"] += batch.num_tokens * weight
