@@ -6,8 +6,7 @@ process, step time, and how far apart the runs end.
 
 Each run is `torchrun --nproc_per_node 2 -m prospect train` of the same SFT job (the bundled signoff_sft
 data, batch 1 per process, cutoff 256, AdamW, fp32, no evaluation), with DDP, with `fsdp: full_shard` and
-with `deepspeed: examples/deepspeed/ds_z2_config.json` (full fine-tuning) or ds_z3_config.json (LoRA; ZeRO-3
-does not take full fine-tuning yet), alternating `--repeats` times. Peak memory is each process's peak resident set
+with `deepspeed: examples/deepspeed/ds_z2_config.json` and ds_z3_config.json, alternating `--repeats` times. Peak memory is each process's peak resident set
 (train_results.json's peak_memory_bytes_per_process, from getrusage); step time is the optimizer
 steps' wall time over their number. The loss and weight differences compare the two runs' logged
 losses and saved weights.
@@ -28,10 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED = REPO / "examples" / "deepspeed"
 
 
-def engines(finetuning: str) -> dict[str, str]:
-    zero = 2 if finetuning == "full" else 3
-    return {"DDP": "fsdp=null", "FSDP2 full_shard": "fsdp=full_shard",
-            f"DeepSpeed ZeRO-{zero}": f"deepspeed={DEEPSPEED / f'ds_z{zero}_config.json'}"}
+RUNS = {"DDP": "fsdp=null", "FSDP2 full_shard": "fsdp=full_shard",
+        "DeepSpeed ZeRO-2": f"deepspeed={DEEPSPEED / 'ds_z2_config.json'}",
+        "DeepSpeed ZeRO-3": f"deepspeed={DEEPSPEED / 'ds_z3_config.json'}"}
 
 
 def one_run(args, setting: str, output_dir: Path) -> dict:
@@ -42,6 +40,8 @@ def one_run(args, setting: str, output_dir: Path) -> dict:
                "eval_dataset=[]", "val_size=0", "eval_strategy=no", f"output_dir={output_dir}", "save_steps=1000000",
                "logging_steps=1", "plot_loss=false", "learning_rate=1e-5", setting]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if args.return_freed_memory:  # glibc keeps freed blocks by default, so the peak RSS counts transient buffers
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     result = subprocess.run(command, cwd=str(REPO), env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((output_dir / "train_results.json").read_text())
@@ -64,20 +64,22 @@ def main() -> None:
     parser.add_argument("--finetuning", choices=("full", "lora"), default="full")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--return-freed-memory", action="store_true",
+                        help="glibc hands freed memory back to the system (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_)")
     args = parser.parse_args()
-    runs = engines(args.finetuning)
-    measured: dict[str, list[dict]] = {name: [] for name in runs}
+    measured: dict[str, list[dict]] = {name: [] for name in RUNS}
     with tempfile.TemporaryDirectory(prefix="prospect-bench-sharding-") as workdir:
         for repeat in range(args.repeats):
-            for number, (name, setting) in enumerate(runs.items()):
+            for number, (name, setting) in enumerate(RUNS.items()):
                 output = Path(workdir) / f"run-{repeat}-{number}"
                 measured[name].append(one_run(args, setting, output))
                 print(f"repeat {repeat + 1}: {name}: {measured[name][-1]}", flush=True)
-        first = [weights(Path(workdir) / f"run-0-{number}") for number in range(len(runs))]
+        first = [weights(Path(workdir) / f"run-0-{number}") for number in range(len(RUNS))]
         weight_differences = [max(float((first[0][k] - other[k]).abs().max()) for k in first[0]) for other in first[1:]]
-    ddp, *sharded = (measured[name] for name in runs)
-    names = list(runs)[1:]
-    print(f"\n{args.model}, {args.finetuning} fine-tuning, 2 processes, {args.steps} steps; medians of {args.repeats}\n")
+    ddp, *sharded = (measured[name] for name in RUNS)
+    names = list(RUNS)[1:]
+    print(f"\n{args.model}, {args.finetuning} fine-tuning, 2 processes, {args.steps} steps; medians of {args.repeats}"
+          + ("; freed memory handed back" if args.return_freed_memory else "") + "\n")
     print("| measure | DDP | " + " | ".join(f"{name} | ratio" for name in names) + " |")
     print("|---|---|" + "---|---|" * len(names))
     for label, pick in (("peak RSS, process 0 (GiB)", lambda r: r["peak_gib"][0]),

@@ -44,8 +44,11 @@ def sequence_logps(hidden_model, head, batch: PackedBatch, device, prompt_cache:
     batch = batch.to(device)
     extra = {} if prompt_cache is None else {"prompt_cache": prompt_cache}
     hidden = hidden_model(**batch.model_inputs(), **extra)
-    with _gathered(head):
-        per_token = token_logps(hidden, head, batch.targets)
+    if isinstance(head, HeadLogps):
+        per_token = head(hidden, batch.targets)
+    else:
+        with _gathered(head):
+            per_token = token_logps(hidden, head, batch.targets)
     per_example = torch.zeros(batch.num_examples, dtype=torch.float32, device=device)
     return per_example.index_add(0, batch.example_index, per_token), per_token
 
@@ -60,10 +63,31 @@ def reduce_sums(values: dict, accelerator) -> dict:
     return dict(zip(keys, tensor.tolist()))
 
 
+class HeadLogps(torch.nn.Module):
+    """`token_logps` as a module, for a trainable output head under ZeRO-3 (full fine-tuning).
+
+    ZeRO-3 keeps a weight partitioned outside the forward and backward of its module, and the log-probs
+    read the head's weight outside it. Registered as this module's external parameter, it is gathered
+    once for this module's forward and once for its backward (which recomputes the chunks), and its
+    gradient is reduced as any weight's. The head stays the model's: it is not a submodule here."""
+
+    def __init__(self, head: torch.nn.Module):
+        super().__init__()
+        self.__dict__["head"] = head  # not registered: its parameters stay where the model has them
+        import deepspeed
+
+        for parameter in head.parameters():
+            deepspeed.zero.register_external_parameter(self, parameter)
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return token_logps(hidden, self.head, targets)
+
+
 def _gathered(head):
     """ZeRO-3 keeps a weight partitioned outside its module's forward, and the log-probs read the head's
-    weight outside it: gather it for them (a collective: every process runs as many). Only a frozen head
-    (LoRA) gets here: its log-probs' backward needs no weight (`losses._FrozenLinearLogps`)."""
+    weight outside it: gather it for them (a collective: every process runs as many). A frozen head
+    (LoRA, a frozen reference) gets here: its log-probs' backward needs no weight
+    (`losses._FrozenLinearLogps`); a trainable one goes through `HeadLogps`."""
     if not hasattr(head.weight, "ds_id"):
         return contextlib.nullcontext()
     import deepspeed

@@ -87,7 +87,10 @@ def _chunks(hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int):
 
 def _chunk_logps(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """[C, H], [C] -> [C] float32 log-probs of the targets (one chunk, any head)."""
-    logits = lm_head(hidden).float()  # [C, V]
+    # A plain Linear's weight is used directly, not through the module: under ZeRO-3 calling the module
+    # would gather its weight once per chunk, a collective that ranks with other token counts miscount.
+    logits = (F.linear(hidden, lm_head.weight, lm_head.bias) if type(lm_head) is nn.Linear
+              else lm_head(hidden)).float()  # [C, V]
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 

@@ -10,7 +10,9 @@ before; gradients are reduce-scattered in every backward; AdamW steps each proce
 DeepSpeed runs through Accelerate's integration: the JSON's "auto" values are filled from the YAML
 (`deepspeed_settings`), its engine steps inside the backward of a step's last micro-batch (the
 loop's clip / step calls are then no-ops that read the engine's norm), and under ZeRO-3 the output
-head, partitioned outside module forwards, is gathered around the log-probs (`forward.sequence_logps`).
+head, partitioned outside module forwards, is gathered around the log-probs (`forward.sequence_logps`;
+a trainable one by `forward.HeadLogps`), and full fine-tuning's frozen reference gets an engine of its
+own (`partitioned_reference`).
 
 What differs, and lives here:
 - `check_sharding`: the combinations that cannot run where asked are refused (exit 2).
@@ -135,12 +137,6 @@ def _check_deepspeed(config, device, world_size: int) -> None:
                         "of them (QLoRA fits a model on one GPU that does not fit in 16 bits).")
     if config.torch_compile:
         raise UserError(f"{where} with torch_compile: not built together; set torch_compile: false.")
-    if zero_stage(settings) == 3 and config.finetuning_type != "lora":
-        # The chunked log-probs call a trainable head once per chunk: under ZeRO-3 each call gathers its
-        # weight, a collective, and processes with other token counts would run other numbers of them.
-        raise UserError(f"{where}: ZeRO-3 with finetuning_type: {config.finetuning_type} is not built (the output "
-                        "head is read outside its module); shard full fine-tuning with fsdp: full_shard, or use "
-                        "ZeRO-2, or LoRA.")
 
 
 def deepspeed_settings(config, *, world_size: int, hidden_size: int) -> dict:
@@ -258,13 +254,32 @@ def gather_state(model, optimizer, *, lora: bool, with_optimizer: bool = True) -
     return weights, state
 
 
-def gather_deepspeed_weights(model) -> dict:
+def partitioned_reference(frozen: torch.nn.Module, settings: dict) -> torch.nn.Module:
+    """Full fine-tuning's frozen reference copy under ZeRO-3: partitioned like the policy, by an engine
+    without an optimizer (its hooks gather each layer's weights for its forward); the module back."""
+    import deepspeed
+
+    inference = {key: value for key, value in settings.items() if not key.startswith("zero_")}
+    inference["zero_optimization"] = {key: value for key, value in settings["zero_optimization"].items()
+                                      if key != "offload_optimizer"}
+    engine, *_ = deepspeed.initialize(model=frozen, config=inference)
+    frozen.__dict__["_engine"] = engine  # kept alive with the module (not a submodule)
+    return engine.module
+
+
+def gather_deepspeed_weights(model, *, keep: bool) -> dict:
     """The trainable weights' full float32 values (DeepSpeed's master copies: under bf16 the module's own
-    are bfloat16), on every process; tied weights once. A collective."""
+    are bfloat16), in CPU memory where `keep` (the main process: the others get an empty dict), one
+    weight at a time; tied weights once. A collective."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    return {name: safe_get_full_fp32_param(parameter).cpu() for name, parameter in model.named_parameters()
-            if parameter.requires_grad}
+    weights = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            full = safe_get_full_fp32_param(parameter)  # every process takes part
+            if keep:
+                weights[name] = full.cpu()
+    return weights
 
 
 def load_state(model, optimizer, weights: dict, optimizer_state: dict, *, sharded: bool) -> None:

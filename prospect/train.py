@@ -46,13 +46,13 @@ from prospect.batching import Examples, Schedule, examples_of_steps, plan_schedu
 from prospect.config import RunConfig
 from prospect.data.pipeline import prepare_data
 from prospect.errors import UserError
-from prospect.forward import HiddenStates, Window, reduce_sums
-from prospect.model import check_gpu_keys, load_tokenizer, load_trainable_model
+from prospect.forward import HeadLogps, HiddenStates, Window, reduce_sums
+from prospect.model import check_gpu_keys, load_tokenizer, load_trainable_model, model_folder
 from prospect.objectives import objective_for
 from prospect.packing import packed_attention_implementation
 from prospect.reference import reference_model
 from prospect.sharding import (check_sharding, deepspeed_settings, gather_deepspeed_weights, gather_state,
-                               held_parameters, shard)
+                               held_parameters, partitioned_reference, shard)
 
 # What the loop adds to an objective's sums at every optimizer step.
 LOOP_SUM_KEYS = ("grad_norm", "steps", "seconds", "tokens", "trained_tokens")
@@ -116,19 +116,24 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
         say(line)
 
     # --- model, optimizer, schedule ------------------------------------------------------------
-    # DeepSpeed's engine moves the weights to the GPU itself: under ZeRO-3 only this process's partitions
-    # (none with offload_param), so the model is loaded into CPU memory first.
-    model = load_trainable_model(config, device=torch.device("cpu") if config.deepspeed else accelerator.device,
-                                 attn_implementation=attention)
+    # DeepSpeed's engine moves the weights to the GPU itself, so the model is loaded into CPU memory; under
+    # ZeRO-3 it is loaded partitioned (transformers' zero.Init: each process materialises its partitions).
+    model_device = torch.device("cpu") if config.deepspeed else accelerator.device
+    model = load_trainable_model(config, device=model_device, attn_implementation=attention)
     lora = config.finetuning_type == "lora"
     frozen_reference = None
-    if objective.uses_reference_model and not lora:
+    if objective.uses_reference_model and not lora and zero_stage == 3:  # a partitioned model is not copied:
+        frozen_reference = HiddenStates(load_trainable_model(  # loaded again, partitioned by an engine below
+            config, device=model_device, attn_implementation=attention).eval().requires_grad_(False))
+    elif objective.uses_reference_model and not lora:
         frozen_reference = HiddenStates(copy.deepcopy(model).eval().requires_grad_(False))
-        if config.deepspeed:  # (ZeRO-1/2) DeepSpeed runs the policy in 16 bits where asked (no autocast)
+        if config.deepspeed:  # DeepSpeed runs the policy in 16 bits where asked (no autocast)
             frozen_reference.to(accelerator.device, torch.bfloat16 if config.bf16 else
                                 torch.float16 if config.fp16 else torch.float32)
     hidden_model = HiddenStates(model)
     head = hidden_model.causal_lm().get_output_embeddings()
+    if zero_stage == 3 and not lora:  # a submodule before prepare, so that DeepSpeed hooks it
+        hidden_model.head_logps = head = HeadLogps(head)
     sharded = bool(config.fsdp)
     if sharded:  # in place, before the optimizer sees the parameters (they become sharded DTensors)
         shard(hidden_model, config)
@@ -158,11 +163,14 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
             accelerator.state.deepspeed_plugin.deepspeed_config.update(deepspeed_settings(
                 config, world_size=accelerator.num_processes, hidden_size=model.config.hidden_size))
         hidden_model, optimizer = accelerator.prepare(hidden_model, optimizer)
+    if frozen_reference is not None and zero_stage == 3:  # partitioned too, by an engine of its own
+        frozen_reference = partitioned_reference(frozen_reference, accelerator.state.deepspeed_plugin.deepspeed_config)
     total_weights = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())  # ZeRO-3: whole
     say(f"{len(train_set)} examples ({int(train_set.num_tokens.sum()):,} tokens), {schedule.total_steps} steps of "
         f"{schedule.global_batch_size} examples "
         f"({schedule.micro_batch_size} × {schedule.accumulation_steps} accumulation × {schedule.world_size} "
-        f"processes), {sum(p.numel() for p in trainable):,} trainable parameters, attention {attention}"
+        f"processes), {sum(p.ds_numel if hasattr(p, 'ds_numel') else p.numel() for p in trainable):,} trainable "
+        f"parameters, attention {attention}"
         + (f", sharded by FSDP2 ({config.fsdp})" if sharded else f", DeepSpeed ZeRO-{zero_stage}" if zero_stage else "")
         + (f": this process holds {held_parameters(hidden_model):,} of {total_weights:,} weights" if sharded or zero_stage
            else ""))
@@ -277,7 +285,7 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
             "parameters_per_process": held_parameters(hidden_model),  # sharded: this process's slices
         }
         weights = (gather_state(model, optimizer, lora=lora, with_optimizer=False)[0] if sharded else
-                   gather_deepspeed_weights(model) if config.deepspeed else None)
+                   gather_deepspeed_weights(model, keep=main) if config.deepspeed else None)
         if main:
             model.save_pretrained(str(output_dir), state_dict=weights)
             tokenizer.save_pretrained(str(output_dir))
@@ -300,7 +308,7 @@ def _is_eval_step(config: RunConfig, done: int, eval_every: int, schedule: Sched
 
 def _deepspeed_plugin(config: RunConfig, process_group):
     """Accelerate's DeepSpeed plugin for a `deepspeed:` run (its "auto" values are filled before prepare),
-    else None. The model is loaded whole, then partitioned (no zero.Init at load)."""
+    else None. While it lives, transformers loads models partitioned under ZeRO-3 (zero.Init)."""
     import os
 
     os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)  # the YAML decides (a previous run in this process set it)
@@ -313,6 +321,9 @@ def _deepspeed_plugin(config: RunConfig, process_group):
 
     settings = deepspeed_json(config.deepspeed)
     check_deepspeed_installed()
+    # A GGUF model (the embedded one) is converted and cached first: under the plugin's ZeRO-3 transformers
+    # would load it partitioned, and the cache would get the partitions.
+    model_folder(config.model_name_or_path, cache_dir=config.cache_dir)
     if not torch.cuda.is_available():
         # Accelerate turns DeepSpeed off under cpu=True, and without cpu=True a CPU process does not join
         # the process group (gloo): join it as cpu=True would, then ask for DeepSpeed on top.
@@ -322,7 +333,7 @@ def _deepspeed_plugin(config: RunConfig, process_group):
         # group; give it a group of one.
         torch.distributed.init_process_group("nccl", store=torch.distributed.HashStore(), rank=0, world_size=1,
                                              **process_group.to_kwargs())
-    return DeepSpeedPlugin(hf_ds_config=settings, zero3_init_flag=False)
+    return DeepSpeedPlugin(hf_ds_config=settings)
 
 
 def _save_checkpoint(config, output_dir: Path, step: int, schedule: Schedule, hidden_model, model, optimizer,
@@ -345,7 +356,7 @@ def _save_checkpoint(config, output_dir: Path, step: int, schedule: Schedule, hi
     if config.fsdp:  # the full weights and optimizer state, gathered from every process (a collective)
         weights, optimizer_state = gather_state(model, optimizer, lora=config.finetuning_type == "lora")
     elif zero_stage:  # the weights gathered; the optimizer state in the engine's own files, one per process
-        weights = gather_deepspeed_weights(model)
+        weights = gather_deepspeed_weights(model, keep=accelerator.is_main_process)
         hidden_model.save_checkpoint(str(folder / checkpoints.DEEPSPEED_FOLDER), tag=checkpoints.DEEPSPEED_TAG,
                                      exclude_frozen_parameters=config.finetuning_type == "lora")
     if accelerator.is_main_process:

@@ -1,8 +1,8 @@
 """DeepSpeed ZeRO (`deepspeed: examples/deepspeed/ds_z3_config.json`, through Accelerate's integration) on 2
 CPU processes over gloo, against DDP on the same 2 processes: the same losses, the same adapter or
-weights (to 1e-5), for SFT and KTO, LoRA under ZeRO-3 and full fine-tuning under ZeRO-2; a run crashed
-and resumed from the engine's checkpoint equal to the uninterrupted one; the result loads in plain
-PEFT / transformers. The oracle, DDP, shares the loop but not the engine: DeepSpeed partitions the
+weights (to 1e-5), for SFT and KTO, LoRA and full fine-tuning, ZeRO-3 and ZeRO-2 (ZeRO-1 once); a run
+crashed and resumed from the engine's checkpoint equal to the uninterrupted one; the result loads in
+plain PEFT / transformers. The oracle, DDP, shares the loop but not the engine: DeepSpeed partitions the
 optimizer state (and under ZeRO-3 the weights), reduces gradients in its own buckets, clips and steps
 its own flat float32 copies, and fills its JSON's "auto" values from the YAML."""
 
@@ -22,9 +22,9 @@ from test_train import ROOT, logged, make_config, max_difference
 pytest.importorskip("deepspeed", reason="deepspeed is in the dev extras: pip install -e '.[dev]'")
 
 CONFIGS = ROOT / "examples" / "deepspeed"
-# ZeRO-3 partitions the weights too, which full fine-tuning cannot use yet (refused, see below)
-CASES = [("sft", "lora", 3), ("kto", "lora", 3), ("sft", "full", 2), ("kto", "full", 2), ("kto", "lora", 2),
-         ("sft", "lora", 1)]
+CASES = [("sft", "lora", 3), ("kto", "lora", 3), ("sft", "full", 3), ("kto", "full", 3), ("sft", "full", 2),
+         ("kto", "full", 2), ("kto", "lora", 2), ("sft", "lora", 1)]
+RESUMED = [("kto", "lora", 3), ("kto", "full", 3), ("sft", "full", 2)]
 
 
 # Below some of each case's gradient norms, so that DeepSpeed's own clipping is tested
@@ -71,7 +71,7 @@ def runs(tmp_path_factory, tiny_model_dir):
         arguments.append(add((stage, method, zero, "ddp"), f"{name}-ddp", **common(stage, method)))
         arguments.append(add((stage, method, zero, "deepspeed"), name, **common(stage, method),
                              deepspeed=zero_config(root, zero)))
-    for stage, method, zero in (("kto", "lora", 3), ("sft", "full", 2)):
+    for stage, method, zero in RESUMED:
         name = f"{stage}-{method}-z{zero}-resumed"
         crash = add(None, f"{name}-crash", name, **common(stage, method), deepspeed=zero_config(root, zero))
         arguments += [f"{crash}@3", add((stage, method, zero, "resumed"), name, **common(stage, method),
@@ -113,7 +113,7 @@ def test_deepspeed_equals_ddp_on_two_processes(runs, stage, method, zero):
         assert held == whole
 
 
-@pytest.mark.parametrize("stage,method,zero", [("kto", "lora", 3), ("sft", "full", 2)])
+@pytest.mark.parametrize("stage,method,zero", RESUMED)
 def test_a_deepspeed_run_resumes_from_its_checkpoint(runs, stage, method, zero):
     uninterrupted, resumed = runs[stage, method, zero, "deepspeed"].output_dir, runs[stage, method, zero, "resumed"]
     assert results(resumed.output_dir)["resumed_from_step"] == 2
@@ -123,7 +123,7 @@ def test_a_deepspeed_run_resumes_from_its_checkpoint(runs, stage, method, zero):
 
 
 def test_the_deepspeed_result_loads_in_plain_peft_and_transformers(runs):
-    assert_loads_without_the_engine(runs["sft", "lora", 3, "deepspeed"], runs["sft", "full", 2, "deepspeed"])
+    assert_loads_without_the_engine(runs["sft", "lora", 3, "deepspeed"], runs["sft", "full", 3, "deepspeed"])
 
 
 def test_a_deepspeed_checkpoint_resumes_only_as_it_was_written(runs, tmp_path, capsys):
@@ -177,7 +177,6 @@ def test_deepspeed_that_cannot_run_here_exits_2_with_the_reason(tmp_path, tiny_m
 
 
 @pytest.mark.parametrize("overrides,zero,message", [
-    (dict(finetuning_type="full"), 3, "ZeRO-3 with finetuning_type: full is not built"),
     (dict(quantization_bit=4), 3, "ZeRO over 4/8-bit bitsandbytes weights is not built"),
     (dict(torch_compile=True), 2, "with torch_compile: not built together"),
 ])
