@@ -190,7 +190,7 @@ def write_main_files(folder: Path, *, model, optimizer, scheduler, state: dict, 
     if optimizer is not None:
         torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, folder / "optimizer.pt")
     torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
     (folder / STATE_FILE).write_text(json.dumps({**state, "files": files}, indent=1))
 
 

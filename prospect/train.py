@@ -32,6 +32,7 @@ Choices worth knowing (the README's "Training" section says more):
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import resource
 import sys
@@ -134,6 +135,10 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
     head = hidden_model.causal_lm().get_output_embeddings()
     if zero_stage == 3 and not lora:  # a submodule before prepare, so that DeepSpeed hooks it
         hidden_model.head_logps = head = HeadLogps(head)
+    elif zero_stage == 3 and any(p.requires_grad for p in head.parameters()):
+        raise UserError(f"deepspeed: {config.deepspeed}: ZeRO-3 with an output head trained inside a LoRA run "
+                        "(lora_target or the adapter's modules_to_save name lm_head) is not built; leave the head out "
+                        "of the adapter, or use ZeRO-2, or fsdp: full_shard.")
     sharded = bool(config.fsdp)
     if sharded:  # in place, before the optimizer sees the parameters (they become sharded DTensors)
         shard(hidden_model, config)
@@ -201,6 +206,10 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
         splits["eval"] = (eval_set, list(range(len(eval_set))))
     reference_passes = objective.prepare(splits, lambda: reference_model(hidden_model, frozen_reference, accelerator),
                                          accelerator=accelerator, output_dir=output_dir, on_save=on_reference_saved)
+    if frozen_reference is not None and zero_stage == 3:  # its engine and hooks hold it in a reference cycle
+        frozen_reference.__dict__.pop("_engine").destroy()
+        frozen_reference = None
+        gc.collect()
     frozen_reference = None  # the frozen copy of full fine-tuning is not needed after this
     reference_seconds = time.perf_counter() - reference_start
 
@@ -226,7 +235,8 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
             sums = objective.step(train_set, indices, micro_batches, hidden_model, head, accelerator)
             grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm or float("inf"))
             optimizer.step()
-            scheduler.step()
+            if not optimizer.step_was_skipped:  # fp16: a step whose gradients overflowed was not taken
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
             sums = reduce_sums(sums, accelerator)
@@ -313,6 +323,9 @@ def _deepspeed_plugin(config: RunConfig, process_group):
 
     os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)  # the YAML decides (a previous run in this process set it)
     if not config.deepspeed:
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # an earlier run's ZeRO-3 would make transformers load this model partitioned
         return None
     from accelerate import DeepSpeedPlugin
     from accelerate.state import PartialState
@@ -328,11 +341,14 @@ def _deepspeed_plugin(config: RunConfig, process_group):
         # Accelerate turns DeepSpeed off under cpu=True, and without cpu=True a CPU process does not join
         # the process group (gloo): join it as cpu=True would, then ask for DeepSpeed on top.
         PartialState(cpu=True, **process_group.to_kwargs())
-    elif "LOCAL_RANK" not in os.environ and not torch.distributed.is_initialized():
+    elif "LOCAL_RANK" not in os.environ:
         # One GPU without a launcher (ZeRO with offload): DeepSpeed would look for MPI to find its process
-        # group; give it a group of one.
-        torch.distributed.init_process_group("nccl", store=torch.distributed.HashStore(), rank=0, world_size=1,
-                                             **process_group.to_kwargs())
+        # group, and it reads the launcher's variables; give it a group of one and those variables.
+        for key, value in (("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl", store=torch.distributed.HashStore(), rank=0, world_size=1,
+                                                 **process_group.to_kwargs())
     return DeepSpeedPlugin(hf_ds_config=settings)
 
 

@@ -224,3 +224,20 @@ def test_the_auto_values_are_filled_from_the_yaml(tmp_path, tiny_model_dir):
             zero["stage3_param_persistence_threshold"]) == (4096, 3686, 640)
     assert zero["stage3_max_live_parameters"] == 1e9  # what the user wrote stays
     assert "auto" not in json.dumps(settings)
+
+
+def test_a_lora_run_that_trains_the_head_under_zero3_exits_2(runs, tmp_path):
+    """The head then runs as a LoRA module, once per chunk of log-probs: refused, not left to hang."""
+    import os
+    import subprocess
+    import sys
+
+    config = make_config(tmp_path, runs["sft", "lora", 3, "ddp"].model_name_or_path, **common("sft", "lora"),
+                         deepspeed=zero_config(tmp_path, 3), lora_target="q_proj,lm_head")
+    path = tmp_path / "run.yaml"
+    path.write_text(config.to_yaml())
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                           "-m", "prospect", "train", str(path)], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0 and "exitcode  : 2" in done.stderr, done.stderr[-2000:]  # the workers' exit code
+    assert "ZeRO-3 with an output head trained inside a LoRA run" in done.stderr + done.stdout
