@@ -254,17 +254,16 @@ def gather_state(model, optimizer, *, lora: bool, with_optimizer: bool = True) -
     return weights, state
 
 
-def partitioned_reference(frozen: torch.nn.Module, settings: dict) -> torch.nn.Module:
+def partitioned_reference(frozen: torch.nn.Module, settings: dict):
     """Full fine-tuning's frozen reference copy under ZeRO-3: partitioned like the policy, by an engine
-    without an optimizer (its hooks gather each layer's weights for its forward); the module back."""
+    without an optimizer (its hooks gather each layer's weights for its forward; `engine.module` runs it)."""
     import deepspeed
 
     inference = {key: value for key, value in settings.items() if not key.startswith("zero_")}
     inference["zero_optimization"] = {key: value for key, value in settings["zero_optimization"].items()
                                       if key != "offload_optimizer"}
     engine, *_ = deepspeed.initialize(model=frozen, config=inference)
-    frozen.__dict__["_engine"] = engine  # kept alive with the module (not a submodule)
-    return engine.module
+    return engine
 
 
 def gather_deepspeed_weights(model, *, keep: bool) -> dict:

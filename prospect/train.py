@@ -168,8 +168,9 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
             accelerator.state.deepspeed_plugin.deepspeed_config.update(deepspeed_settings(
                 config, world_size=accelerator.num_processes, hidden_size=model.config.hidden_size))
         hidden_model, optimizer = accelerator.prepare(hidden_model, optimizer)
+    reference_engine = None
     if frozen_reference is not None and zero_stage == 3:  # partitioned too, by an engine of its own
-        frozen_reference = partitioned_reference(frozen_reference, accelerator.state.deepspeed_plugin.deepspeed_config)
+        reference_engine = partitioned_reference(frozen_reference, accelerator.state.deepspeed_plugin.deepspeed_config)
     total_weights = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())  # ZeRO-3: whole
     say(f"{len(train_set)} examples ({int(train_set.num_tokens.sum()):,} tokens), {schedule.total_steps} steps of "
         f"{schedule.global_batch_size} examples "
@@ -206,11 +207,11 @@ def train(config: RunConfig, *, on_checkpoint=None, on_reference_saved=None) -> 
         splits["eval"] = (eval_set, list(range(len(eval_set))))
     reference_passes = objective.prepare(splits, lambda: reference_model(hidden_model, frozen_reference, accelerator),
                                          accelerator=accelerator, output_dir=output_dir, on_save=on_reference_saved)
-    if frozen_reference is not None and zero_stage == 3:  # its engine and hooks hold it in a reference cycle
-        frozen_reference.__dict__.pop("_engine").destroy()
-        frozen_reference = None
-        gc.collect()
     frozen_reference = None  # the frozen copy of full fine-tuning is not needed after this
+    if reference_engine is not None:  # its hooks hold the copy in a reference cycle: removed, then collected
+        reference_engine.destroy()
+        reference_engine = None
+        gc.collect()
     reference_seconds = time.perf_counter() - reference_start
 
     tracker = (Tracker(str(output_dir), config, resume_step=start_step if resume_from else None, plots=objective.PLOTS)
@@ -376,7 +377,7 @@ def _save_checkpoint(config, output_dir: Path, step: int, schedule: Schedule, hi
         hidden_model.save_checkpoint(str(folder / checkpoints.DEEPSPEED_FOLDER), tag=checkpoints.DEEPSPEED_TAG,
                                      exclude_frozen_parameters=config.finetuning_type == "lora")
     if accelerator.is_main_process:
-        checkpoints.write_main_files(folder, model=model, optimizer=None if config.deepspeed else optimizer,
+        checkpoints.write_main_files(folder, model=model, optimizer=None if zero_stage else optimizer,
                                      scheduler=scheduler, state=state, weights=weights, optimizer_state=optimizer_state)
     accelerator.wait_for_everyone()
     checkpoints.write_rng_state(folder, accelerator.process_index)

@@ -9,7 +9,10 @@ its own flat float32 copies, and fills its JSON's "auto" values from the YAML.""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -228,10 +231,6 @@ def test_the_auto_values_are_filled_from_the_yaml(tmp_path, tiny_model_dir):
 
 def test_a_lora_run_that_trains_the_head_under_zero3_exits_2(runs, tmp_path):
     """The head then runs as a LoRA module, once per chunk of log-probs: refused, not left to hang."""
-    import os
-    import subprocess
-    import sys
-
     config = make_config(tmp_path, runs["sft", "lora", 3, "ddp"].model_name_or_path, **common("sft", "lora"),
                          deepspeed=zero_config(tmp_path, 3), lora_target="q_proj,lm_head")
     path = tmp_path / "run.yaml"
